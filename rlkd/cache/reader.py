@@ -1,0 +1,489 @@
+"""CacheReader: stream padded, decoded batches from a cache, shuffled per epoch, split over ranks, resumable.
+
+Order of one epoch (every rank computes the same global order without talking to the others):
+
+1. The row groups of all shards are the *units*. With ``shuffle``, they are permuted by
+   ``default_rng([seed, epoch])``; otherwise they stay in manifest/file order.
+2. Concatenating the units gives a global row order of ``N`` rows. Rank ``r`` of ``W`` takes the contiguous slice
+   ``[r*N//W, (r+1)*N//W)`` of it: **the split is at row granularity**, so every row goes to exactly one rank, ranks
+   differ by at most one row, and a rank reads only the row groups its slice touches (at most two are shared with a
+   neighbour).
+3. Within its slice, a rank shuffles with a bounded buffer of ``shuffle_buffer`` rows
+   (``default_rng([seed, epoch, rank])``): fill the buffer, then repeatedly emit a random element and replace it with
+   the next row.
+
+The emitted order is a pure function of ``(seed, epoch, rank, world_size, shuffle_buffer, shard list)``, so it is
+computed up front as a permutation of row indices (no data read). Resuming only needs the number of rows already
+emitted: :meth:`CacheReader.state_dict` is ``{epoch, position, ...}``, and a resumed reader reads just the row groups
+that still hold un-emitted rows. Memory stays bounded by the buffer plus one row group.
+
+Integrity: on construction every shard's size is checked against the manifest (catches truncation and missing
+files); a shard's schema is checked when it is first opened; Parquet page CRCs are verified on every read (catches
+flipped bytes in data). The full sha256 check is ``verify_cache`` / ``rlkd verify`` (or ``check_sha256=True``).
+Errors are :class:`CacheCorruptError` naming the shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rlkd.cache.codec import DecodedBlock, arrow_schema
+from rlkd.cache.manifest import CacheCorruptError, read_manifest
+from rlkd.cache.schema import CODECS, FORMAT_VERSION, TeacherRow
+
+STATE_VERSION = 1
+
+
+def check_manifest(manifest: dict, cache_dir) -> list[str]:
+    """Problems that make a manifest unreadable for this version of rlkd."""
+    problems = []
+    if manifest.get("format_version") != FORMAT_VERSION:
+        problems.append(f"{cache_dir}: format_version {manifest.get('format_version')!r}, this rlkd reads "
+                        f"{FORMAT_VERSION}; use the rlkd version that wrote it")
+    if manifest.get("codec") not in CODECS:
+        problems.append(f"{cache_dir}: unknown codec {manifest.get('codec')!r} in the manifest")
+    if not isinstance(manifest.get("k"), int) or manifest["k"] < 1:
+        problems.append(f"{cache_dir}: manifest k={manifest.get('k')!r} is not a positive integer")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        problems.append(f"{cache_dir}: manifest has no shard list")
+    else:
+        for i, s in enumerate(shards):
+            missing = [key for key in ("file", "rows", "bytes", "sha256") if key not in s]
+            if missing:
+                problems.append(f"{cache_dir}: manifest shard entry {i} lacks {', '.join(missing)}")
+    return problems
+
+
+def shard_schema_problems(pf: pq.ParquetFile, codec: str, k: int, rel: str) -> list[str]:
+    """Compare a shard's Arrow schema and rlkd metadata with what the manifest promises."""
+    problems = []
+    expected = arrow_schema(codec, k)
+    got = pf.schema_arrow
+    if not got.equals(expected, check_metadata=False):
+        problems.append(f"shard {rel}: schema differs from the {codec} schema ({got.names} vs {expected.names})")
+    meta = {key.decode(): v.decode() for key, v in (got.metadata or {}).items()}
+    for key, want in expected.metadata.items():
+        key, want = key.decode(), want.decode()
+        if meta.get(key) != want:
+            problems.append(f"shard {rel}: metadata {key}={meta.get(key)!r}, manifest says {want!r}")
+    return problems
+
+
+class _Shards:
+    """Opens shards lazily (a few at a time) and reads row groups, turning every failure into CacheCorruptError."""
+
+    def __init__(self, cache_dir: Path, manifest: dict, check_sha256: bool, max_open: int = 4):
+        self.cache_dir = cache_dir
+        self.manifest = manifest
+        self.codec = manifest["codec"]
+        self.k = int(manifest["k"])
+        self.entries = manifest["shards"]
+        self.check_sha256 = check_sha256
+        self.max_open = max_open
+        self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        for e in self.entries:
+            path = cache_dir / e["file"]
+            if not path.is_file():
+                raise CacheCorruptError(f"shard {e['file']} is listed in {cache_dir}/manifest.json but missing; "
+                                        f"restore it, or run `rlkd verify {cache_dir}`")
+            size = path.stat().st_size
+            if size != e["bytes"]:
+                raise CacheCorruptError(f"shard {e['file']} in {cache_dir} has {size} bytes, the manifest says "
+                                        f"{e['bytes']}: it is truncated or was modified (`rlkd verify {cache_dir}`)")
+
+    def row_group_rows(self, i: int) -> list[int]:
+        e = self.entries[i]
+        if "row_group_rows" in e:
+            return [int(n) for n in e["row_group_rows"]]
+        md = self.file(i).metadata
+        return [md.row_group(j).num_rows for j in range(md.num_row_groups)]
+
+    def file(self, i: int) -> pq.ParquetFile:
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        e = self.entries[i]
+        path = self.cache_dir / e["file"]
+        try:
+            if self.check_sha256:
+                from rlkd.cache.writer import file_sha256
+
+                if file_sha256(path) != e["sha256"]:
+                    raise CacheCorruptError(f"shard {e['file']} in {self.cache_dir}: sha256 differs from the "
+                                            "manifest (corrupted); run `rlkd verify` and regenerate it")
+            pf = pq.ParquetFile(path, page_checksum_verification=True, memory_map=False)
+        except CacheCorruptError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged footer raises anything (even UnicodeDecodeError)
+            raise CacheCorruptError(f"shard {e['file']} in {self.cache_dir} cannot be opened ({err}); it is "
+                                    f"corrupt or truncated: run `rlkd verify {self.cache_dir}`") from err
+        problems = shard_schema_problems(pf, self.codec, self.k, e["file"])
+        if pf.metadata.num_rows != e["rows"]:
+            problems.append(f"shard {e['file']}: {pf.metadata.num_rows} rows, the manifest says {e['rows']}")
+        if problems:
+            raise CacheCorruptError("; ".join(problems))
+        self._open[i] = pf
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return pf
+
+    def read(self, i: int, rg: int) -> DecodedBlock:
+        e = self.entries[i]
+        try:
+            table = self.file(i).read_row_group(rg, use_threads=False)
+            return DecodedBlock(table, self.codec)
+        except CacheCorruptError:
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged pages raise many exception types
+            raise CacheCorruptError(f"shard {e['file']} in {self.cache_dir}, row group {rg}, cannot be read "
+                                    f"({err}); it is corrupt: run `rlkd verify {self.cache_dir}` and regenerate "
+                                    "it") from err
+
+
+def buffer_shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order (n,) in which a shuffle buffer of ``buffer`` slots emits a stream of ``n`` items.
+
+    Fill the buffer; for each next item emit a uniformly chosen slot and put the item there; then drain the rest
+    in random order. Only indices are shuffled, so this costs O(n) integer work and reads no data.
+    """
+    if buffer <= 1 or n <= 1:
+        return np.arange(n, dtype=np.int64)
+    size = min(buffer, n)
+    slots = list(range(size))
+    picks = rng.integers(0, size, size=n - size).tolist()
+    out = []
+    append = out.append
+    for item, j in zip(range(size, n), picks):
+        append(slots[j])
+        slots[j] = item
+    tail = np.array(slots, dtype=np.int64)
+    rng.shuffle(tail)
+    return np.concatenate([np.array(out, dtype=np.int64), tail])
+
+
+def collate(rows: list[TeacherRow], k: int) -> dict:
+    """Pad rows into the batch dict (see :class:`CacheReader`). Loops over rows, never over positions."""
+    import torch
+
+    B = len(rows)
+    T = max(int(r.input_ids.shape[0]) for r in rows)
+    input_ids = np.zeros((B, T), dtype=np.int64)
+    attention_mask = np.zeros((B, T), dtype=bool)
+    loss_mask = np.zeros((B, T), dtype=bool)
+    topk_ids = np.zeros((B, T, k), dtype=np.int64)
+    topk_lp = np.full((B, T, k), -np.inf, dtype=np.float32)
+    topk_valid = np.zeros((B, T, k), dtype=bool)
+    # Unscored positions (last token, padding) get a valid all-tail distribution: tail 0 = log 1, no NaNs downstream.
+    tail = np.zeros((B, T), dtype=np.float32)
+    target_lp = np.zeros((B, T), dtype=np.float32)
+    target_rank = np.zeros((B, T), dtype=np.int64)
+    for b, r in enumerate(rows):
+        Tb = int(r.input_ids.shape[0])
+        P = Tb - 1
+        input_ids[b, :Tb] = r.input_ids
+        attention_mask[b, :Tb] = True
+        loss_mask[b, :P] = r.loss_mask
+        tail[b, :P] = r.tail_logmass
+        target_lp[b, :P] = r.target_logprob
+        target_rank[b, :P] = r.target_rank
+        n = int(r.topk_ids.shape[0])
+        if n == P * k:  # every position kept k entries: a plain reshape
+            topk_ids[b, :P] = r.topk_ids.reshape(P, k)
+            topk_lp[b, :P] = r.topk_logprobs.reshape(P, k)
+            topk_valid[b, :P] = True
+        else:  # adaptive k: entry e of position t goes to flat slot t*k + (e - start_t) of this row's (T, k) slab
+            counts = r.topk_count.astype(np.int64)
+            starts = np.cumsum(counts) - counts
+            dst = np.arange(n) + np.repeat(np.arange(P) * k - starts, counts)  # (n,)
+            topk_ids[b].reshape(-1)[dst] = r.topk_ids
+            topk_lp[b].reshape(-1)[dst] = r.topk_logprobs
+            topk_valid[b].reshape(-1)[dst] = True
+    return {
+        "input_ids": torch.from_numpy(input_ids),  # (B, T)
+        "attention_mask": torch.from_numpy(attention_mask),  # (B, T)
+        "loss_mask": torch.from_numpy(loss_mask),  # (B, T)
+        "topk_ids": torch.from_numpy(topk_ids),  # (B, T, k)
+        "topk_logprobs": torch.from_numpy(topk_lp),  # (B, T, k)
+        "topk_valid": torch.from_numpy(topk_valid),  # (B, T, k)
+        "tail_logmass": torch.from_numpy(tail),  # (B, T)
+        "target_logprob": torch.from_numpy(target_lp),  # (B, T)
+        "target_rank": torch.from_numpy(target_rank),  # (B, T)
+        "source_index": torch.tensor([r.source_index for r in rows], dtype=torch.int64),  # (B,)
+        "row_id": [r.row_id for r in rows],
+    }
+
+
+class CacheReader:
+    """Iterate a cache as padded torch batches; one pass of ``for batch in reader`` is one epoch of this rank.
+
+    Batch (positions aligned with the model's logits: position t predicts token t+1)::
+
+        input_ids (B,T) int64 (pad 0)            attention_mask (B,T) bool
+        loss_mask (B,T) bool (last real position and padding False)
+        topk_ids (B,T,k) int64 (pad 0)           topk_logprobs (B,T,k) float32 (pad -inf)
+        topk_valid (B,T,k) bool                  tail_logmass (B,T) float32 (unscored positions: 0)
+        target_logprob (B,T) float32 (pad 0)     target_rank (B,T) int64 (pad 0)
+        source_index (B,) int64                  row_id list[str]
+
+    Args:
+        cache_dir: a cache written by :class:`CacheWriter`.
+        batch_size: rows per batch; the last batch of an epoch may be smaller unless ``drop_last``.
+        shuffle: permute row groups and use the shuffle buffer; False reads in file order.
+        seed: base of every random choice; the same seed gives the same order on every machine.
+        rank, world_size: this process's share (see the module docstring).
+        shuffle_buffer: rows in the shuffle buffer (memory ~ this many decoded rows).
+        epoch: the starting epoch; :meth:`set_epoch` changes it.
+        drop_last: skip a final partial batch.
+        check_sha256: hash each shard when first opened (a full extra read; ``rlkd verify`` does it offline).
+        prefetch: row groups a background thread reads and decodes ahead (0: read in the caller's thread).
+            Parquet decompression releases the GIL, so reading overlaps with the training step.
+
+    ``set_epoch(e)`` with a new ``e`` restarts at the beginning of epoch ``e``; with the current epoch it changes
+    nothing (so ``load_state_dict`` followed by ``set_epoch(state_epoch)`` still resumes). A finished pass leaves the
+    reader at the end of its epoch; iterating again yields nothing until ``set_epoch`` (or :meth:`reset`).
+    """
+
+    def __init__(self, cache_dir, batch_size: int = 8, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 1024, epoch: int = 0, drop_last: bool = False,
+                 check_sha256: bool = False, prefetch: int = 2):
+        problems = []
+        if batch_size < 1:
+            problems.append(f"batch_size={batch_size} must be >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            problems.append(f"rank={rank} must lie in [0, world_size={world_size})")
+        if shuffle_buffer < 0:
+            problems.append(f"shuffle_buffer={shuffle_buffer} must be >= 0")
+        if problems:
+            raise ValueError("CacheReader: " + "; ".join(problems))
+        self.cache_dir = Path(cache_dir)
+        self.manifest = read_manifest(self.cache_dir)
+        problems = check_manifest(self.manifest, self.cache_dir)
+        if problems:
+            raise CacheCorruptError("; ".join(problems))
+        self.k = int(self.manifest["k"])
+        self.codec = self.manifest["codec"]
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.drop_last = bool(drop_last)
+        self.prefetch = max(0, int(prefetch))
+        self._shards = _Shards(self.cache_dir, self.manifest, check_sha256)
+        # Units: (shard index, row group index, rows), in file order.
+        units = []
+        for i in range(len(self._shards.entries)):
+            for j, n in enumerate(self._shards.row_group_rows(i)):
+                units.append((i, j, n))
+        self._units = np.array(units, dtype=np.int64).reshape(-1, 3)
+        self.total_rows = int(self._units[:, 2].sum()) if len(units) else 0
+        N, W = self.total_rows, self.world_size
+        self._lo, self._hi = self.rank * N // W, (self.rank + 1) * N // W
+        self.num_rows = self._hi - self._lo
+        """Rows this rank yields per epoch (``total_rows`` for the whole cache)."""
+        self.epoch = int(epoch)
+        self.position = 0
+        """Rows already yielded in the current epoch."""
+        self._plan_epoch: int | None = None
+
+    # ---- sizes ---------------------------------------------------------------------------------------------------
+
+    def _batches(self, rows: int) -> int:
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches this rank yields per epoch."""
+        return self._batches(self.num_rows)
+
+    @property
+    def min_num_batches(self) -> int:
+        """The fewest batches any rank yields per epoch (the same on every rank): DDP stops there."""
+        return self._batches(self.total_rows // self.world_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    # ---- order ---------------------------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        """Compute this epoch's emission order: ``_order[s]`` = index in this rank's row stream emitted s-th."""
+        if self._plan_epoch == self.epoch:
+            return
+        units = self._units
+        if self.shuffle and len(units):
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(units))
+            units = units[perm]
+        ends = np.cumsum(units[:, 2]) if len(units) else np.zeros(0, np.int64)
+        starts = ends - units[:, 2] if len(units) else ends
+        # This rank's contiguous slice [lo, hi) of the global order, as pieces of units.
+        lo, hi = self._lo, self._hi
+        sel = np.nonzero((ends > lo) & (starts < hi))[0]
+        pieces = []  # (shard, row group, first row in group, row count)
+        for u in sel:
+            a, b = max(lo, starts[u]), min(hi, ends[u])
+            pieces.append((units[u, 0], units[u, 1], a - starts[u], b - a))
+        self._pieces = np.array(pieces, dtype=np.int64).reshape(-1, 4)
+        counts = self._pieces[:, 3]
+        self._piece_of = np.repeat(np.arange(len(pieces)), counts)  # (num_rows,) stream index -> piece
+        piece_start = np.cumsum(counts) - counts
+        self._piece_start = piece_start
+        if self.shuffle and self.shuffle_buffer > 1:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+            self._order = buffer_shuffle_order(self.num_rows, self.shuffle_buffer, rng)
+        else:
+            self._order = np.arange(self.num_rows, dtype=np.int64)
+        self._emit_pos = np.empty(self.num_rows, dtype=np.int64)
+        self._emit_pos[self._order] = np.arange(self.num_rows)
+        self._plan_epoch = self.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self.position = 0
+
+    def reset(self) -> None:
+        """Restart the current epoch from its beginning."""
+        self.position = 0
+
+    # ---- iteration -----------------------------------------------------------------------------------------------
+
+    def _rows(self) -> Iterator[TeacherRow]:
+        """This rank's rows for the current epoch, from ``self.position`` on, in emission order."""
+        self._plan()
+        start = self.position
+        if start >= self.num_rows:
+            return
+        order = self._order[start:]
+        # Row groups in the order they are first needed: fixed by the plan, so a thread can read them ahead.
+        needed = self._piece_of[order]
+        _, first = np.unique(needed, return_index=True)
+        load_seq = needed[np.sort(first)]
+        blocks = self._blocks(load_seq)
+        pending: dict[int, TeacherRow] = {}
+        copy = self.shuffle and self.shuffle_buffer > 1  # rows may outlive their block: don't pin it
+        try:
+            for s, idx in enumerate(order.tolist(), start):
+                if idx not in pending:
+                    p, block = next(blocks)
+                    if p != self._piece_of[idx]:
+                        raise AssertionError("row group read out of plan")  # guards the invariant
+                    first_row, count = int(self._pieces[p, 2]), int(self._pieces[p, 3])
+                    base = int(self._piece_start[p])
+                    emit = self._emit_pos[base:base + count]
+                    for j in np.nonzero(emit >= s)[0].tolist():  # skip rows emitted before a resume point
+                        pending[base + j] = block.row(first_row + j, copy=copy)
+                    del block
+                yield pending.pop(idx)
+        finally:
+            blocks.close()
+
+    def _blocks(self, load_seq: np.ndarray) -> Iterator[tuple[int, DecodedBlock]]:
+        """Decoded row groups of ``load_seq`` (piece indices), read ahead by a thread when ``prefetch > 0``."""
+        def read(p):
+            shard, rg = int(self._pieces[p, 0]), int(self._pieces[p, 1])
+            return self._shards.read(shard, rg)
+
+        if self.prefetch == 0:
+            for p in load_seq.tolist():
+                yield p, read(p)
+            return
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def work():
+            for p in load_seq.tolist():
+                try:
+                    item = (p, read(p))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                    item = (None, e)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set() or item[0] is None:
+                    return
+
+        thread = threading.Thread(target=work, name="rlkd-cache-prefetch", daemon=True)
+        thread.start()
+        try:
+            for _ in range(len(load_seq)):
+                p, item = q.get()
+                if p is None:
+                    raise item
+                yield p, item
+        finally:
+            stop.set()
+            thread.join()
+
+    def __iter__(self) -> Iterator[dict]:
+        batch: list[TeacherRow] = []
+        for row in self._rows():
+            batch.append(row)
+            if len(batch) == self.batch_size:
+                # Advance before yielding: state_dict() taken while the consumer holds this batch resumes after it.
+                self.position += len(batch)
+                yield collate(batch, self.k)
+                batch = []
+        if batch:
+            self.position += len(batch)
+            if not self.drop_last:
+                yield collate(batch, self.k)
+
+    def iter_rows(self) -> Iterator[TeacherRow]:
+        """Every row of the cache (all ranks), decoded and unpadded, in file order, without shuffling."""
+        for i in range(len(self._shards.entries)):
+            for j in range(len(self._shards.row_group_rows(i))):
+                block = self._shards.read(i, j)
+                for r in range(block.num_rows):
+                    yield block.row(r)
+
+    # ---- resume --------------------------------------------------------------------------------------------------
+
+    def _fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for e in self._shards.entries:
+            h.update(f"{e['file']}:{e['rows']}:{e['sha256']};".encode())
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        """JSON-safe resume state: where this rank stands in which epoch, and what the order depends on."""
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+            "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer, "total_rows": self.total_rows, "shards": self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken. Everything the order depends on must match."""
+        problems = []
+        for key in ("seed", "rank", "world_size", "shuffle", "shuffle_buffer", "total_rows"):
+            if state.get(key) != getattr(self, key):
+                problems.append(f"{key}: {state.get(key)!r} in the state, {getattr(self, key)!r} in this reader")
+        if state.get("shards") != self._fingerprint():
+            problems.append("the cache's shard list changed since the state was saved")
+        if state.get("version") != STATE_VERSION:
+            problems.append(f"state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if problems:
+            raise ValueError("cannot resume the CacheReader exactly:\n" + "\n".join(f"  - {p}" for p in problems)
+                             + "\nCreate the reader with the saved settings (the order depends on all of them).")
+        position = int(state["position"])
+        if not 0 <= position <= self.num_rows:
+            raise ValueError(f"state position {position} is outside [0, {self.num_rows}]")
+        self.epoch = int(state["epoch"])
+        self.position = position

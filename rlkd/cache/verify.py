@@ -1,0 +1,196 @@
+"""Offline integrity check of a cache: ``verify_cache`` (and ``rlkd verify CACHE [--deep]``).
+
+Always: the manifest parses and has a readable version/codec/k; every listed shard exists, has the recorded size
+and sha256, opens as Parquet with the codec's schema and rlkd metadata, and has the recorded rows, row groups,
+positions and tokens; no row_id appears twice; no finished shard lies around unlisted; totals add up; the manifest
+is marked complete.
+
+``deep`` also decodes every row (page CRCs checked) and checks the invariants of :mod:`rlkd.cache.schema`:
+counts in ``[1, k]``, ids in ``[0, vocab)`` (vocab from the manifest's tokenizer/teacher identity), log-probs
+non-increasing along rank and ``<= 0``, top-k mass ``<= 1`` and top-k mass + tail mass ``== 1`` within the codec's
+tolerance, and, where the actual next token is among the kept ids, that its cached log-prob matches
+``target_logprob`` (which catches a one-position misalignment).
+
+Every problem is collected; nothing stops at the first one. Per shard and invariant, the first few offending rows
+are named and the rest counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rlkd.cache.codec import DecodedBlock
+from rlkd.cache.manifest import read_manifest, vocab_limit
+from rlkd.cache.reader import check_manifest, shard_schema_problems
+from rlkd.cache.schema import TeacherRow
+
+MASS_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "q8": 0.05}
+"""Allowed excess of decoded top-k mass over 1, and |top-k mass + tail mass - 1|, per codec. q8's 1/32-nat
+rounding moves each non-top-1 probability by up to 3.2%."""
+LOGPROB_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "q8": 0.04}
+"""|cached log-prob of the next token - target_logprob| allowed, relative to max(1, |lp|) for fp16."""
+MAX_EXAMPLES = 3
+
+
+def _row_invariants(r: TeacherRow, k: int, vocab: int | None, codec: str) -> list[str]:
+    """Deep checks of one decoded row; vectorised over its positions."""
+    out = []
+    P = r.num_positions
+    counts = r.topk_count.astype(np.int64)
+    if P < 1:
+        return ["has fewer than 2 tokens"]
+    if counts.min() < 1 or counts.max() > k:
+        out.append(f"topk_count outside [1, {k}]")
+        return out
+    ids = r.topk_ids.astype(np.int64)
+    if ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
+        out.append(f"topk_ids outside [0, {vocab}) (max {ids.max()})")
+    lp = r.topk_logprobs.astype(np.float64)
+    starts = np.cumsum(counts) - counts
+    if np.isnan(lp).any() or (lp > 1e-6).any():
+        out.append("topk_logprobs has NaN or values > 0")
+    if lp.shape[0] > 1:
+        step = np.diff(lp)
+        step[(starts[1:] - 1)] = 0.0  # crossing into the next position may go up
+        with np.errstate(invalid="ignore"):
+            if (step > 1e-6).any():
+                out.append("topk_logprobs increase along rank")
+    p = np.exp(lp)
+    mass = np.add.reduceat(p, starts) if lp.shape[0] else np.zeros(P)  # (P,)
+    tol = MASS_TOLERANCE[codec]
+    if (mass > 1 + tol).any():
+        out.append(f"top-k probability mass exceeds 1 (max {mass.max():.4f})")
+    tail = np.exp(r.tail_logmass.astype(np.float64))
+    if np.isnan(tail).any() or (np.abs(mass + tail - 1) > tol).any():
+        out.append(f"top-k mass + tail mass != 1 (worst {np.nanmax(np.abs(mass + tail - 1)):.4f})")
+    if (r.target_rank < 1).any():
+        out.append("target_rank < 1")
+    # Alignment: where the next token input_ids[t+1] is among position t's ids, its log-prob is target_logprob.
+    nxt = np.repeat(r.input_ids[1:].astype(np.int64), counts)  # (n,)
+    hit = ids == nxt
+    if hit.any():
+        pos = np.repeat(np.arange(P), counts)[hit]
+        got = lp[hit]
+        want = r.target_logprob.astype(np.float64)[pos]
+        ltol = LOGPROB_TOLERANCE[codec] * (np.maximum(1.0, np.abs(want)) if codec == "fp16" else 1.0)
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.abs(got - want) <= ltol) & ~(np.isinf(got) & np.isinf(want))
+        # q8 saturates entries far below their predecessor; those are excused (see rlkd.cache.codec).
+        if codec == "q8":
+            bad &= got - want <= 15.0
+        if bad.any():
+            out.append(f"target_logprob disagrees with the cached log-prob of the next token at {int(bad.sum())} "
+                       "position(s): targets may be misaligned by a position")
+    return out
+
+
+def verify_report(cache_dir, deep: bool = False) -> dict:
+    """Run every check and return ``{"problems": [...], "shards", "rows", "positions", "bytes", "deep"}``."""
+    cache_dir = Path(cache_dir)
+    problems: list[str] = []
+    report = {"cache": str(cache_dir), "deep": deep, "problems": problems, "shards": 0, "rows": 0,
+              "positions": 0, "bytes": 0}
+    try:
+        manifest = read_manifest(cache_dir)
+    except Exception as e:  # noqa: BLE001 - any unreadable manifest is a problem to report, not a crash
+        problems.append(str(e))
+        return report
+    mproblems = check_manifest(manifest, cache_dir)
+    if mproblems:
+        return {**report, "problems": mproblems}
+    codec, k = manifest["codec"], int(manifest["k"])
+    vocab = vocab_limit(manifest)
+    if not manifest.get("complete"):
+        problems.append("manifest is not marked complete: the writer did not finish (resume stage 1 to complete it)")
+    entries = manifest["shards"]
+    report["shards"] = len(entries)
+    listed = set()
+    seen_ids: dict[str, str] = {}
+    totals = {"rows": 0, "positions": 0, "tokens": 0, "bytes": 0}
+    from rlkd.cache.writer import file_sha256
+
+    for e in entries:
+        rel = e["file"]
+        if rel in listed:
+            problems.append(f"shard {rel} is listed twice in the manifest")
+            continue
+        listed.add(rel)
+        for key in totals:
+            totals[key] += int(e.get(key, 0))
+        path = cache_dir / rel
+        if not path.is_file():
+            problems.append(f"shard {rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != e["bytes"]:
+            problems.append(f"shard {rel}: {size} bytes, manifest says {e['bytes']} (truncated or modified)")
+        if file_sha256(path) != e["sha256"]:
+            problems.append(f"shard {rel}: sha256 differs from the manifest (corrupted)")
+        try:
+            pf = pq.ParquetFile(path, page_checksum_verification=True)
+        except Exception as err:  # noqa: BLE001 - a damaged footer raises anything
+            problems.append(f"shard {rel}: not a readable Parquet file ({err})")
+            continue
+        problems += shard_schema_problems(pf, codec, k, rel)
+        md = pf.metadata
+        if md.num_rows != e["rows"]:
+            problems.append(f"shard {rel}: {md.num_rows} rows, manifest says {e['rows']}")
+        rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        if "row_group_rows" in e and list(e["row_group_rows"]) != rg_rows:
+            problems.append(f"shard {rel}: row groups hold {rg_rows} rows, manifest says {e['row_group_rows']}")
+        row_problems: dict[str, list[str]] = {}
+        positions = tokens = 0
+        for rg in range(md.num_row_groups):
+            try:
+                if deep:
+                    table = pf.read_row_group(rg, use_threads=False)
+                else:
+                    table = pf.read_row_group(rg, columns=["row_id", "input_ids"], use_threads=False)
+            except Exception as err:  # noqa: BLE001
+                problems.append(f"shard {rel}: row group {rg} cannot be read ({err})")
+                continue
+            lens = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+            tokens += int(lens.sum())
+            positions += int((lens - 1).sum())
+            for j, rid in enumerate(table.column("row_id").to_pylist()):
+                if rid in seen_ids:
+                    problems.append(f"shard {rel}: row_id {rid} (row group {rg}, row {j}) also in {seen_ids[rid]}")
+                else:
+                    seen_ids[rid] = rel
+            if deep:
+                try:
+                    block = DecodedBlock(table, codec)
+                except Exception as err:  # noqa: BLE001
+                    problems.append(f"shard {rel}: row group {rg} does not decode ({err})")
+                    continue
+                for j in range(block.num_rows):
+                    r = block.row(j)
+                    for msg in _row_invariants(r, k, vocab, codec):
+                        row_problems.setdefault(msg, []).append(f"row group {rg} row {j} (row_id {r.row_id})")
+        if "positions" in e and positions != e["positions"]:
+            problems.append(f"shard {rel}: {positions} positions, manifest says {e['positions']}")
+        if "tokens" in e and tokens != e["tokens"]:
+            problems.append(f"shard {rel}: {tokens} tokens, manifest says {e['tokens']}")
+        for msg, where in row_problems.items():
+            more = f" and {len(where) - MAX_EXAMPLES} more rows" if len(where) > MAX_EXAMPLES else ""
+            problems.append(f"shard {rel}: {msg}: {'; '.join(where[:MAX_EXAMPLES])}{more}")
+        report["rows"] += md.num_rows
+        report["positions"] += positions
+        report["bytes"] += size
+    for key, value in totals.items():
+        if key in manifest and key in ("rows", "positions", "bytes") and manifest[key] != value:
+            problems.append(f"manifest total {key}={manifest[key]} but its shards add up to {value}")
+    for path in sorted(cache_dir.rglob("*.parquet")):
+        rel = path.relative_to(cache_dir).as_posix()
+        if rel not in listed:
+            problems.append(f"{rel} is not listed in the manifest (left by a crashed writer? reopening the writer "
+                            "adopts it; otherwise delete it)")
+    return report
+
+
+def verify_cache(cache_dir, deep: bool = False) -> list[str]:
+    """All problems found in ``cache_dir`` (see the module docstring); an empty list when it is clean."""
+    return verify_report(cache_dir, deep)["problems"]

@@ -1,0 +1,384 @@
+"""CacheWriter: append TeacherRows to a cache directory as zstd Parquet shards, resumably.
+
+Crash safety, step by step:
+
+1. A lock (``fcntl.flock`` on ``writer.lock``) refuses a second concurrent writer. The kernel drops it when the
+   process dies, so a crash never leaves a stale lock.
+2. Rows are buffered into row groups of ``row_group_rows`` rows and written to ``NAME.parquet.tmp``.
+3. When the shard reaches ``shard_max_bytes`` (or on close) it is closed, fsynced, hashed and renamed to
+   ``NAME.parquet``; then the manifest is rewritten atomically with the new shard's rows/positions/bytes/sha256.
+4. On reopen, leftover ``*.tmp`` files (a crash in step 2) are removed: their rows were never in the manifest, and
+   ``has()`` reports them missing, so stage 1 writes them again. A finished shard that is not in the manifest (a crash
+   between the rename and the manifest update) is adopted after checking it. The ``row_id`` column of every finished
+   shard is read back, so ``has()`` and ``write()`` never duplicate a row.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rlkd.cache.codec import arrow_schema, parquet_write_options, rows_to_table
+from rlkd.cache.manifest import (
+    CacheCorruptError,
+    CacheLockedError,
+    CacheMismatchError,
+    fsync_dir,
+    identity_differences,
+    manifest_path,
+    read_manifest,
+    vocab_limit,
+    write_manifest,
+)
+from rlkd.cache.schema import CODECS, FORMAT_VERSION, MAX_K, TeacherRow, row_problems
+
+LOCK_NAME = "writer.lock"
+_RESERVED = ("format_version", "complete", "k", "codec", "rows", "positions", "tokens", "bytes", "shards",
+             "created", "updated")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_summary(path: Path, rel: str) -> dict:
+    """A manifest entry for a finished shard, computed from the file itself (used to adopt orphans)."""
+    pf = pq.ParquetFile(path)
+    md = pf.metadata
+    rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+    lens = pf.read(columns=["input_ids"]).column("input_ids").combine_chunks().value_lengths().to_numpy()
+    return {
+        "file": rel, "rows": int(md.num_rows), "positions": int((lens - 1).sum()), "tokens": int(lens.sum()),
+        "bytes": path.stat().st_size, "sha256": file_sha256(path), "row_group_rows": rg_rows,
+    }
+
+
+class CacheWriter:
+    """Write TeacherRows into ``out_dir`` (see the module docstring). Use as a context manager::
+
+        with CacheWriter(out_dir, meta, k=64) as w:
+            for row in rows:
+                if not w.has(row.row_id):
+                    w.write(row)
+
+    Args:
+        out_dir: the cache directory (created if missing; reopened and appended to if it holds a manifest).
+        meta: identity of the run: ``teacher``, ``tokenizer`` (:func:`tokenizer_identity`), ``dataset``, ``config``,
+            ``logprobs_mode``, ``temperature``, ``engine``. ``k``, ``codec`` and the format version are added here.
+        k: the top-k every position holds at most (rows may keep fewer per position: adaptive k).
+        codec: log-probability codec, one of ``q8`` (default), ``fp16``, ``fp32``.
+        shard_max_bytes: start a new shard once the current one reaches this size on disk.
+        row_group_rows: rows per Parquet row group, the unit a reader reads and shuffles.
+        name_prefix: shard file prefix (``PREFIX-00000.parquet``); give each worker its own when several write into
+            sibling folders that are merged later.
+        row_group_bytes: also close a row group once its rows hold about this many raw bytes (long sequences).
+        compression_level: zstd level (default :data:`rlkd.cache.codec.ZSTD_LEVEL`).
+    """
+
+    def __init__(self, out_dir, meta: dict, *, k: int, codec: str = "q8", shard_max_bytes: int = 64 << 20,
+                 row_group_rows: int = 256, name_prefix: str = "shard", row_group_bytes: int = 32 << 20,
+                 compression_level: int | None = None):
+        problems = []
+        if codec not in CODECS:
+            problems.append(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+        if not (isinstance(k, (int, np.integer)) and 1 <= k <= MAX_K):
+            problems.append(f"k={k!r} must be an integer in [1, {MAX_K}]")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name_prefix or ""):
+            problems.append(f"name_prefix {name_prefix!r} must be a plain file-name prefix (letters, digits, _.-)")
+        if row_group_rows < 1 or shard_max_bytes < 1:
+            problems.append("row_group_rows and shard_max_bytes must be positive")
+        if not isinstance(meta, dict):
+            problems.append(f"meta must be a dict, got {type(meta).__name__}")
+        else:
+            for key in _RESERVED:
+                if key in meta and not (key in ("k", "codec", "format_version")
+                                        and meta[key] == {"k": k, "codec": codec,
+                                                          "format_version": FORMAT_VERSION}[key]):
+                    problems.append(f"meta[{key!r}] is set by the writer; remove it from meta")
+            try:
+                json.dumps(meta, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                problems.append(f"meta must be JSON-serialisable ({e})")
+        if problems:
+            raise ValueError("CacheWriter: " + "; ".join(problems))
+        self.out_dir = Path(out_dir)
+        self.k = int(k)
+        self.codec = codec
+        self.shard_max_bytes = int(shard_max_bytes)
+        self.row_group_rows = int(row_group_rows)
+        self.row_group_bytes = int(row_group_bytes)
+        self.name_prefix = name_prefix
+        self._schema = arrow_schema(codec, self.k)
+        self._pq_options = parquet_write_options(codec)
+        if compression_level is not None:
+            self._pq_options["compression_level"] = int(compression_level)
+        self._lock_fd: int | None = None
+        self._pq_writer: pq.ParquetWriter | None = None
+        self._sink = None
+        self._buffer: list[TeacherRow] = []
+        self._buffer_bytes = 0
+        self._shard: dict | None = None
+        self._closed = False
+        self._session = {"rows": 0, "positions": 0, "bytes": 0, "shards": 0, "skipped_duplicates": 0}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            self._open(dict(meta))
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # ---- opening -------------------------------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        path = self.out_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            finally:
+                os.close(fd)
+            raise CacheLockedError(
+                f"{self.out_dir} is being written by another CacheWriter ({holder}). Only one writer may append to "
+                "a cache at a time: wait for it to finish, stop it, or write to another directory (several workers "
+                "write sibling folders with different name_prefix, merged afterwards). The lock is released "
+                "automatically when that process exits.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _open(self, meta: dict) -> None:
+        # Leftovers of a crashed writer: never listed in the manifest, so dropping them loses nothing.
+        for tmp in self.out_dir.glob("*.tmp"):
+            tmp.unlink()
+        meta = {key: v for key, v in meta.items() if key not in ("k", "codec", "format_version")}
+        new_identity = {"format_version": FORMAT_VERSION, "k": self.k, "codec": self.codec, **meta}
+        if manifest_path(self.out_dir).exists():
+            manifest = read_manifest(self.out_dir)
+            diffs = identity_differences(manifest, new_identity)
+            if diffs:
+                raise CacheMismatchError(
+                    f"{self.out_dir} already holds a cache written with different settings; appending would mix "
+                    f"incompatible rows. {len(diffs)} difference(s):\n" + "\n".join(f"  - {d}" for d in diffs)
+                    + "\nUse a new output directory, or rerun with the cache's original settings.")
+            manifest.update({key: v for key, v in meta.items() if key in ("config", "engine")})
+            manifest.setdefault("resumed", []).append(_now())
+        else:
+            manifest = {**new_identity, "complete": False, "rows": 0, "positions": 0, "tokens": 0, "bytes": 0,
+                        "shards": [], "created": _now()}
+        manifest["complete"] = False
+        self.manifest = manifest
+        self._vocab = vocab_limit(manifest)
+        self._ids: set[str] = set()
+        listed = {s["file"] for s in manifest["shards"]}
+        for entry in manifest["shards"]:
+            path = self.out_dir / entry["file"]
+            if not path.is_file():
+                raise CacheCorruptError(
+                    f"shard {entry['file']} is listed in {manifest_path(self.out_dir)} but missing. Restore it, or "
+                    "remove its entry from the manifest so stage 1 writes its rows again.")
+            if path.stat().st_size != entry["bytes"]:
+                raise CacheCorruptError(
+                    f"shard {entry['file']} has {path.stat().st_size} bytes but the manifest says {entry['bytes']} "
+                    "(truncated or modified). Delete it and remove its manifest entry to have its rows rewritten.")
+            self._ids.update(self._read_row_ids(path, entry["file"]))
+        for path in sorted(self.out_dir.glob("*.parquet")):
+            if path.name not in listed:  # finished but the crash came before the manifest update: adopt it
+                self._adopt(path)
+        self._refresh_totals()
+        write_manifest(self.out_dir, self.manifest)
+
+    def _read_row_ids(self, path: Path, rel: str) -> list[str]:
+        try:
+            return pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist()
+        except Exception as e:  # noqa: BLE001 - a damaged footer raises anything
+            raise CacheCorruptError(f"shard {rel} cannot be read ({e}); run `rlkd verify {self.out_dir}`") from e
+
+    def _adopt(self, path: Path) -> None:
+        try:
+            schema = pq.read_schema(path)
+            meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+            ok = (meta.get("rlkd.codec") == self.codec and meta.get("rlkd.k") == str(self.k)
+                  and meta.get("rlkd.format_version") == str(FORMAT_VERSION))
+            entry = shard_summary(path, path.name) if ok else None
+        except Exception as e:  # noqa: BLE001
+            raise CacheCorruptError(f"{path} is not in the manifest and cannot be read ({e}); delete it") from e
+        if entry is None:
+            raise CacheCorruptError(f"{path} is not in the manifest and was written with another codec/k/format; "
+                                    "move it away")
+        ids = self._read_row_ids(path, path.name)
+        if self._ids.intersection(ids):
+            raise CacheCorruptError(f"{path} is not in the manifest and repeats rows of listed shards; delete it")
+        self._ids.update(ids)
+        self.manifest["shards"].append(entry)
+
+    def _refresh_totals(self) -> None:
+        shards = self.manifest["shards"]
+        for key in ("rows", "positions", "tokens", "bytes"):
+            self.manifest[key] = int(sum(s.get(key, 0) for s in shards))
+        self.manifest["updated"] = _now()
+
+    # ---- writing -------------------------------------------------------------------------------------------------
+
+    def has(self, row_id: str) -> bool:
+        """True if ``row_id`` is in a finished shard or was written in this session."""
+        return row_id in self._ids
+
+    def write(self, row: TeacherRow) -> bool:
+        """Validate and append one row. Returns False (and writes nothing) when its row_id is already present."""
+        if self._closed:
+            raise RuntimeError(f"CacheWriter for {self.out_dir} is closed")
+        if not all(isinstance(v, np.ndarray) for v in row.__dict__.values() if not isinstance(v, (str, int))):
+            row = TeacherRow(**{k: (v if isinstance(v, (str, int, np.integer)) else np.asarray(v))
+                                for k, v in row.__dict__.items()})
+        problems = row_problems(row, self.k, vocab_size=self._vocab)
+        if problems:
+            raise ValueError(f"row {getattr(row, 'row_id', '?')!r} (source_index {getattr(row, 'source_index', '?')}) "
+                             "breaks the cache contract:\n" + "\n".join(f"  - {p}" for p in problems))
+        if row.row_id in self._ids:
+            self._session["skipped_duplicates"] += 1
+            return False
+        self._ids.add(row.row_id)
+        self._buffer.append(row)
+        P, n = row.num_positions, int(row.topk_ids.shape[0])
+        self._session["rows"] += 1
+        self._session["positions"] += P
+        self._buffer_bytes += 4 * (P + 1) + 14 * P + 8 * n
+        if len(self._buffer) >= self.row_group_rows or self._buffer_bytes >= self.row_group_bytes:
+            self._flush_row_group()
+        return True
+
+    def _next_shard_name(self) -> str:
+        pattern = re.compile(re.escape(self.name_prefix) + r"-(\d+)\.parquet$")
+        used = [int(m.group(1)) for s in self.manifest["shards"] if (m := pattern.fullmatch(s["file"]))]
+        used += [int(m.group(1)) for p in self.out_dir.iterdir() if (m := pattern.fullmatch(p.name))]
+        return f"{self.name_prefix}-{max(used, default=-1) + 1:05d}.parquet"
+
+    def _flush_row_group(self) -> None:
+        if not self._buffer:
+            return
+        table = rows_to_table(self._buffer, self.codec, self.k)
+        if self._pq_writer is None:
+            name = self._next_shard_name()
+            tmp = self.out_dir / (name + ".tmp")
+            self._sink = pa.OSFile(str(tmp), "wb")
+            self._pq_writer = pq.ParquetWriter(self._sink, self._schema, **self._pq_options)
+            self._shard = {"file": name, "tmp": tmp, "rows": 0, "positions": 0, "tokens": 0, "row_group_rows": []}
+        self._pq_writer.write_table(table, row_group_size=table.num_rows)  # exactly one row group
+        s = self._shard
+        s["rows"] += table.num_rows
+        tokens = int(sum(r.input_ids.shape[0] for r in self._buffer))
+        s["tokens"] += tokens
+        s["positions"] += tokens - table.num_rows
+        s["row_group_rows"].append(table.num_rows)
+        self._buffer = []
+        self._buffer_bytes = 0
+        if self._sink.tell() >= self.shard_max_bytes:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._pq_writer is None:
+            return
+        self._pq_writer.close()
+        self._sink.close()
+        self._pq_writer = self._sink = None
+        s, self._shard = self._shard, None
+        tmp: Path = s.pop("tmp")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        entry = {"file": s["file"], "rows": s["rows"], "positions": s["positions"], "tokens": s["tokens"],
+                 "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), "row_group_rows": s["row_group_rows"]}
+        os.replace(tmp, self.out_dir / s["file"])
+        fsync_dir(self.out_dir)
+        self.manifest["shards"].append(entry)
+        self._refresh_totals()
+        write_manifest(self.out_dir, self.manifest)
+        self._session["bytes"] += entry["bytes"]
+        self._session["shards"] += 1
+
+    def flush(self) -> None:
+        """Write buffered rows and finish the current shard, so everything written so far survives a crash."""
+        self._flush_row_group()
+        self._finish_shard()
+
+    @property
+    def stats(self) -> dict:
+        """This session's rows/positions/bytes (bytes: finished shards plus the open one), and cache totals."""
+        out = dict(self._session)
+        if self._sink is not None:
+            out["bytes"] += self._sink.tell()
+        out["total_rows"] = self.manifest["rows"] + (self._shard["rows"] if self._shard else 0) + len(self._buffer)
+        return out
+
+    # ---- closing -------------------------------------------------------------------------------------------------
+
+    def close(self, complete: bool = True) -> None:
+        """Finish the open shard, mark the manifest ``complete`` (if asked) and release the lock."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+            self.manifest["complete"] = bool(complete)
+            self._refresh_totals()
+            write_manifest(self.out_dir, self.manifest)
+        finally:
+            self._closed = True
+            self._release_lock()
+
+    def _abort(self) -> None:
+        """After an error: keep finished shards, try to save buffered rows, never raise from here."""
+        try:
+            self.close(complete=False)
+        except Exception:  # noqa: BLE001 - the original exception matters more; the .tmp is removed on reopen
+            for obj in (self._pq_writer, self._sink):
+                try:
+                    if obj is not None:
+                        obj.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            self._closed = True
+            self._release_lock()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close(complete=True)
+        else:
+            self._abort()
+
+    def __del__(self):
+        if getattr(self, "_lock_fd", None) is not None:
+            self._release_lock()

@@ -1,0 +1,236 @@
+"""CacheWriter: round trips, rotation, manifest contents, resume without loss or duplication, crash, lock, mismatch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rlkd.cache import (
+    CacheLockedError,
+    CacheMismatchError,
+    CacheReader,
+    CacheWriter,
+    read_manifest,
+    roundtrip,
+    verify_cache,
+)
+from rlkd.cache.manifest import write_manifest
+from tests.cache_helpers import assert_rows_equal, make_rows, test_meta
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_all(out, rows, **kw):
+    kw.setdefault("k", 8)
+    with CacheWriter(out, kw.pop("meta", test_meta()), **kw) as w:
+        for r in rows:
+            if not w.has(r.row_id):
+                w.write(r)
+    return out
+
+
+def read_ids(out) -> list[str]:
+    return [r.row_id for r in CacheReader(out, shuffle=False).iter_rows()]
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "q8"])
+def test_round_trip_each_codec(tmp_path, codec):
+    rows = make_rows(30, k=8, seed=1) + make_rows(15, k=8, seed=2, source_offset=100, min_prob=2e-2, min_k=2)
+    write_all(tmp_path, rows, codec=codec, row_group_rows=7)
+    back = list(CacheReader(tmp_path, shuffle=False).iter_rows())
+    assert len(back) == len(rows)
+    for a, b in zip(rows, back):
+        assert_rows_equal(a, b, logprobs=codec == "fp32")  # all other fields are exact for every codec
+        np.testing.assert_array_equal(b.topk_logprobs, roundtrip(codec, a.topk_logprobs, a.topk_count))
+        fin = np.isfinite(a.topk_logprobs)
+        err = np.abs(b.topk_logprobs[fin].astype(np.float64) - a.topk_logprobs[fin])
+        bound = {"fp32": 0.0, "fp16": np.abs(a.topk_logprobs[fin]) * 2.0**-11, "q8": 1 / 32 + 4e-3}[codec]
+        near = (np.repeat(a.topk_logprobs[np.cumsum(a.topk_count) - a.topk_count], a.topk_count) - a.topk_logprobs
+                )[fin] < 15.8
+        assert (err[near] <= bound if codec != "fp16" else err <= bound).all()
+    assert verify_cache(tmp_path, deep=True) == []
+
+
+def test_rotation_row_groups_and_manifest_entries(tmp_path):
+    rows = make_rows(60, k=8, seed=3)
+    write_all(tmp_path, rows, row_group_rows=10, shard_max_bytes=8_000)
+    m = read_manifest(tmp_path)
+    assert m["complete"] is True and m["k"] == 8 and m["codec"] == "q8" and m["format_version"] == 1
+    assert len(m["shards"]) >= 3, "small shard_max_bytes must rotate"
+    assert m["rows"] == 60 and m["positions"] == sum(r.num_positions for r in rows)
+    for e in m["shards"]:
+        path = tmp_path / e["file"]
+        assert not path.name.endswith(".tmp")
+        assert e["bytes"] == path.stat().st_size
+        assert e["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        md = pq.ParquetFile(path).metadata
+        assert e["rows"] == md.num_rows
+        assert e["row_group_rows"] == [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        assert all(n <= 10 for n in e["row_group_rows"])
+        lens = pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist()
+        assert e["positions"] == sum(len(x) - 1 for x in lens) and e["tokens"] == sum(len(x) for x in lens)
+    assert sorted(read_ids(tmp_path)) == sorted(r.row_id for r in rows)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_reopen_appends_without_duplicates(tmp_path):
+    rows = make_rows(40, k=8, seed=4)
+    write_all(tmp_path, rows[:25], row_group_rows=8)
+    with CacheWriter(tmp_path, test_meta(config={"k": 8, "batch": 2}), k=8, row_group_rows=8) as w:
+        assert all(w.has(r.row_id) for r in rows[:25]) and not w.has(rows[25].row_id)
+        assert w.write(rows[0]) is False  # a duplicate is skipped, not written twice
+        for r in rows:
+            if not w.has(r.row_id):
+                assert w.write(r)
+        assert w.stats["rows"] == 15 and w.stats["skipped_duplicates"] == 1 and w.stats["total_rows"] == 40
+    ids = read_ids(tmp_path)
+    assert len(ids) == 40 and sorted(ids) == sorted(r.row_id for r in rows)
+    m = read_manifest(tmp_path)
+    assert m["config"] == {"k": 8, "batch": 2} and len(m["resumed"]) == 1
+    assert verify_cache(tmp_path) == []
+
+
+def test_crash_with_tmp_left_loses_and_doubles_nothing(tmp_path):
+    """In-process crash: one shard finished, a second half-written as .tmp, the manifest not marked complete."""
+    rows = make_rows(50, k=8, seed=5)
+    w = CacheWriter(tmp_path, test_meta(), k=8, row_group_rows=5, shard_max_bytes=6_000)
+    for r in rows[:30]:
+        w.write(r)
+    assert list(tmp_path.glob("*.parquet.tmp")), "the test needs an unfinished shard"
+    finished = set(read_ids(tmp_path))
+    assert 0 < len(finished) < 30
+    w._release_lock()  # the process "dies": the kernel drops the flock, nothing is closed
+    del w
+    with CacheWriter(tmp_path, test_meta(), k=8, row_group_rows=5, shard_max_bytes=6_000) as w2:
+        assert not list(tmp_path.glob("*.tmp")), "leftover .tmp files are removed on reopen"
+        assert {r.row_id for r in rows if w2.has(r.row_id)} == finished
+        for r in rows:
+            if not w2.has(r.row_id):
+                w2.write(r)
+    ids = read_ids(tmp_path)
+    assert sorted(ids) == sorted(r.row_id for r in rows) and len(ids) == len(set(ids))
+    assert verify_cache(tmp_path, deep=True) == []
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    from rlkd.cache import CacheWriter
+    from tests.cache_helpers import make_rows, test_meta
+    rows = make_rows(50, k=8, seed=6)
+    w = CacheWriter({out!r}, test_meta(), k=8, row_group_rows=5, shard_max_bytes=6_000)
+    for r in rows[:30]:
+        w.write(r)
+    print("ready", flush=True)
+    sys.stdin.readline()  # hold the lock until the parent has tried to open a second writer
+    os.kill(os.getpid(), signal.SIGKILL)  # crash: no close, no cleanup
+""")
+
+
+def test_concurrent_writer_refused_and_lock_dies_with_process(tmp_path):
+    out = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), out=str(out))],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(CacheLockedError, match=f"pid {child.pid}") as err:
+            CacheWriter(out, test_meta(), k=8)
+        assert "another CacheWriter" in str(err.value)
+        assert list(out.glob("*.parquet.tmp")), "the other writer's .tmp must survive a refused open"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    rows = make_rows(50, k=8, seed=6)
+    write_all(out, rows, row_group_rows=5, shard_max_bytes=6_000)  # lock released by the kernel at death
+    ids = read_ids(out)
+    assert sorted(ids) == sorted(r.row_id for r in rows) and len(ids) == 50
+    assert verify_cache(out) == []
+
+
+def test_second_writer_in_same_process_refused(tmp_path):
+    with CacheWriter(tmp_path, test_meta(), k=8):
+        with pytest.raises(CacheLockedError):
+            CacheWriter(tmp_path, test_meta(), k=8)
+    with CacheWriter(tmp_path, test_meta(), k=8):  # released on close
+        pass
+
+
+def test_orphan_shard_is_adopted(tmp_path):
+    """Crash between the shard rename and the manifest update: the finished shard is adopted, not rewritten."""
+    rows = make_rows(30, k=8, seed=7)
+    write_all(tmp_path, rows, row_group_rows=5, shard_max_bytes=6_000)
+    m = read_manifest(tmp_path)
+    dropped = m["shards"].pop()
+    write_manifest(tmp_path, m)
+    assert verify_cache(tmp_path) != []  # the unlisted shard and the totals are reported
+    with CacheWriter(tmp_path, test_meta(), k=8) as w:
+        assert all(w.has(r.row_id) for r in rows)
+    m2 = read_manifest(tmp_path)
+    assert m2["shards"][-1] == dropped and m2["rows"] == 30
+    assert verify_cache(tmp_path) == []
+
+
+def test_mismatch_lists_every_difference(tmp_path):
+    write_all(tmp_path, make_rows(3, k=8))
+    meta = test_meta()
+    meta["tokenizer"] = {**meta["tokenizer"], "sha256": "2" * 64}
+    meta["teacher"] = {**meta["teacher"], "config_sha256": "f" * 64}
+    meta["dataset"] = {**meta["dataset"], "split": "validation"}
+    with pytest.raises(CacheMismatchError) as err:
+        CacheWriter(tmp_path, meta, k=16, codec="fp16")
+    msg = str(err.value)
+    for key in ("k:", "codec:", "tokenizer.sha256", "teacher.config_sha256", "dataset.split"):
+        assert key in msg, key
+    assert "5 difference(s)" in msg
+    with CacheWriter(tmp_path, test_meta(config={"other": 1}, engine="vllm 9"), k=8):  # config/engine may change
+        pass
+
+
+def test_sub_folder_shards_from_merged_writers(tmp_path):
+    """Two workers write sibling folders with their own prefixes; a merged manifest lists files with sub-folders."""
+    rows = make_rows(40, k=8, seed=8)
+    for i, part in enumerate((rows[:20], rows[20:])):
+        write_all(tmp_path / f"part-{i}", part, name_prefix=f"w{i}", row_group_rows=6)
+    merged = read_manifest(tmp_path / "part-0")
+    merged["shards"] = [
+        {**e, "file": f"part-{i}/{e['file']}"} for i in range(2) for e in read_manifest(tmp_path / f"part-{i}")["shards"]
+    ]
+    for key in ("rows", "positions", "tokens", "bytes"):
+        merged[key] = sum(e[key] for e in merged["shards"])
+    write_manifest(tmp_path, merged)
+    assert len({Path(e["file"]).name for e in merged["shards"]}) == len(merged["shards"])  # names unique
+    assert sorted(read_ids(tmp_path)) == sorted(r.row_id for r in rows)
+    assert verify_cache(tmp_path, deep=True) == []
+    more = make_rows(5, k=8, seed=9, source_offset=1000)
+    with CacheWriter(tmp_path, test_meta(), k=8) as w:  # a writer appends to the merged cache
+        assert all(w.has(r.row_id) for r in rows)
+        for r in more:
+            w.write(r)
+    assert len(read_ids(tmp_path)) == 45 and verify_cache(tmp_path) == []
+
+
+def test_exception_inside_with_keeps_written_rows_and_marks_incomplete(tmp_path):
+    rows = make_rows(12, k=8, seed=10)
+    with pytest.raises(KeyError):
+        with CacheWriter(tmp_path, test_meta(), k=8, row_group_rows=5) as w:
+            for r in rows:
+                w.write(r)
+            raise KeyError("stage 1 failed")
+    m = read_manifest(tmp_path)
+    assert m["complete"] is False and m["rows"] == 12
+    assert any("not marked complete" in p for p in verify_cache(tmp_path))
+    json.dumps(m)  # JSON-safe
