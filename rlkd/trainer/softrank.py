@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-__all__ = ["soft_rank", "isotonic_decreasing"]
+__all__ = ["isotonic_decreasing", "soft_rank"]
 
 
 def _block_ids(y: Tensor, valid_len: Tensor) -> Tensor:
@@ -47,7 +48,7 @@ def _block_ids(y: Tensor, valid_len: Tensor) -> Tensor:
 
     Entries at or after ``valid_len`` each get a block of their own, so padding never pools with real entries.
     """
-    n_rows, n = y.shape
+    n = y.shape[1]
     ar = torch.arange(n, device=y.device)
     # seg[b, j, k] = sum(y[b, j..k]) for k >= j, built by a cumsum over k of the row masked to k >= j: no
     # prefix-sum differences, so no cancellation between large partial sums.
@@ -90,6 +91,7 @@ class _IsotonicDecreasing(torch.autograd.Function):
         return _block_average(y, block, counts)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_v: Tensor):
         block, counts = ctx.saved_tensors
         # The Jacobian is block-diagonal with blocks (1/|B|) * ones: symmetric, so the VJP is the same averaging.
@@ -123,7 +125,7 @@ def soft_rank(values: Tensor, mask: Tensor | None = None, regularization_strengt
         raise ValueError(f"soft_rank expects a 2-D (rows, n) tensor, got shape {tuple(values.shape)}")
     if regularization_strength <= 0:
         raise ValueError(f"regularization_strength must be > 0, got {regularization_strength}")
-    n_rows, n = values.shape
+    n = values.shape[1]
     if mask is None:
         mask = torch.ones_like(values, dtype=torch.bool)
     elif mask.shape != values.shape:
