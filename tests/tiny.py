@@ -77,6 +77,7 @@ def make_llama(
     intermediate_size: int = 256,
     seed: int = 0,
     init_std: float = 0.25,
+    num_kv_heads: int | None = None,
 ):
     """Save a random float32 Llama (head_dim = hidden / heads = 32) with the tokenizer beside it.
 
@@ -93,7 +94,7 @@ def make_llama(
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
         head_dim=hidden_size // num_heads,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
@@ -109,3 +110,78 @@ def make_llama(
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def _permute_for_gguf(w, n_head: int, n_head_kv: int | None = None):
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf.py LlamaModel.permute), which GGUF readers undo."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_gguf(hf_dir: str | Path, out_path: str | Path) -> Path:
+    """Write a tiny Llama HF folder (from :func:`make_llama`) as an F32 GGUF file, the way llama.cpp's converter
+    lays it out (tensor names, q/k permutation, gpt2-style BPE tokenizer, chat template), so the GGUF conversion
+    can be tested against the original weights without the 93 MB SmolLM2 file."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    state = load_file(str(hf_dir / "model.safetensors"))
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    w = gguf.GGUFWriter(str(out_path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(float(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    assert [i for _, i in vocab] == list(range(len(vocab)))
+    special = {i for i, added in tok.added_tokens_decoder.items() if added.special}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for _, i in vocab])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_pad_token_id(cfg["pad_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.chat_template)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].astype(np.float32))
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in names.items():
+            t = state[f"model.layers.{i}.{hf}.weight"].astype(np.float32)
+            if gg == "attn_q":
+                t = _permute_for_gguf(t, n_head, n_head)
+            elif gg == "attn_k":
+                t = _permute_for_gguf(t, n_head, n_kv)
+            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+    w.add_tensor("output_norm.weight", state["model.norm.weight"].astype(np.float32))
+    if "lm_head.weight" in state:
+        w.add_tensor("output.weight", state["lm_head.weight"].astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path
