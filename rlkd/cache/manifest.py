@@ -95,9 +95,14 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+INFORMATIONAL_KEYS = frozenset({"name_or_path"})
+"""Sub-keys that describe where something was loaded from, not what it is: a resume from another path or a merge of
+parts written on other machines must not be refused over them (the sha256 next to them decides)."""
+
+
 def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
+        for key in sorted((set(a) | set(b)) - INFORMATIONAL_KEYS, key=str):
             sub = f"{path}.{key}"
             if key not in a:
                 out.append(f"{sub}: absent in the cache, {b[key]!r} now")
