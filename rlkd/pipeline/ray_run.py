@@ -1,0 +1,414 @@
+"""Stage 1 on a Ray cluster: N engine replicas (actors), each writing its own part of the cache; one manifest.
+
+``cache_teacher_ray(cfg, replicas=N)`` is what ``rlkd cache-teacher --ray --replicas N`` calls. Top to bottom:
+
+1. The driver resolves the teacher, tokenizer and dataset exactly as :func:`rlkd.pipeline.run.cache_teacher` does,
+   and formats rows with the same :func:`rlkd.pipeline.data.iter_examples` (so skip/truncate counters, template
+   errors and ``source_index`` are identical to a single-process run).
+2. Rows already in a finished shard of any part (``OUT/part-*/``) are dropped before dispatch (resume).
+3. Each remaining example goes to actor ``(source_index // shard_parts) % N``: a deterministic route, so every actor
+   owns a disjoint set of rows and its own folder ``OUT/part-{i}/``. The examples (``source_index``, ``input_ids``,
+   ``loss_mask``) become one Ray Dataset per actor, built from Arrow blocks put in the object store block by block,
+   so the driver never holds more than one block per actor and big runs spill to disk rather than fail.
+4. Each actor holds one rlkd engine (vLLM or HF; ``num_gpus=T`` when the cluster has GPUs, one CPU otherwise),
+   iterates its dataset in ``batch_size`` batches and scores/writes them with the single-process code
+   (``run._score_and_write`` -> ``engine.score`` -> ``rows.build_row`` -> ``CacheWriter.write``), so both paths
+   write identical rows.
+5. The driver joins the parts with :func:`rlkd.pipeline.merge.merge_caches` into ``OUT/manifest.json`` (shard paths
+   ``part-{i}/...``), which ``CacheReader``, ``rlkd inspect`` and ``rlkd verify`` read like any cache.
+
+Why formatting happens on the driver and not in the actors: it is the same code path as ``cache_teacher`` (no second
+formatter to keep in sync), counters and template errors are reported once, and tokenizing costs microseconds per
+token against a teacher forward that costs milliseconds; the engines stay the bottleneck. The cost is that the driver
+formats the whole run before the actors start (``from_arrow_refs`` runs a 1-CPU metadata task per block, which would
+never be scheduled on a CPU-only cluster whose CPUs all hold engines, so the datasets are built first), and engines
+start only when there is something left to score, as in a single-process run.
+
+Why not ``ray.data.llm``: in Ray 2.60 its vLLM processor turns ``prompt_logprobs`` into a list (one per position) of
+Python dicts ``{token_id: {"logprob", "rank", "decoded_token"}}`` (``vLLMOutputData.prompt_logprobs`` in
+``ray/llm/_internal/batch/stages/vllm_engine_stage.py``), it has no flat/array output, and it asks vLLM for the
+non-flat format. That is tens of Python objects per position, serialised through the object store, to be parsed back
+into the (P, k) arrays a row needs; :class:`rlkd.pipeline.engines.VLLMEngine` reads vLLM's ``FlatLogprobs`` straight
+into numpy. So each actor wraps the rlkd engine instead.
+
+Crash safety: an actor that dies loses at most its open shard (its ``.tmp``, removed on reopen); its finished shards
+are in its part's manifest (or adopted on reopen). Re-running the same command skips every finished row, whichever
+part holds it, so nothing is lost or written twice, even with another ``--replicas``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlkd.cache import CacheWriter, make_row_id, read_manifest, tokenizer_identity
+from rlkd.cache.manifest import CacheMismatchError, identity_differences, manifest_path
+from rlkd.cache.schema import FORMAT_VERSION
+from rlkd.config import config_to_dict
+from rlkd.pipeline.config import CacheTeacherConfig
+
+PART_PREFIX = "part-"
+"""Actor ``i`` writes ``OUT/part-{i}/``."""
+
+BLOCK_ROWS = 1024
+"""Examples per Arrow block put in the object store (per actor)."""
+
+BLOCK_TOKENS = 4 << 20
+"""...or fewer when the block reaches this many tokens (long sequences)."""
+
+
+class RayStage1Error(RuntimeError):
+    """A Ray run could not finish; the message says what happened and that a re-run resumes."""
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "cache-teacher --ray needs Ray Data: `pip install 'rlkd[ray]'` (or `pip install 'ray[data]'`), "
+            "or run without --ray (single process, or --shard I/N on several machines)"
+        ) from e
+    return ray
+
+
+# ---- the actor -----------------------------------------------------------------------------------------------------
+
+
+class Stage1Worker:
+    """One engine replica: scores the examples routed to it and writes them to its own part folder.
+
+    Plain class, wrapped with ``ray.remote`` at run time (so importing this module never needs Ray).
+    """
+
+    def __init__(self, cfg: CacheTeacherConfig, meta: dict, index: int, replicas: int, part_dir: str,
+                 shard_max_bytes: int, exit_after_shards: int | None = None):
+        from rlkd.pipeline.run import _engine
+
+        self.cfg, self.meta, self.index, self.replicas = cfg, meta, index, replicas
+        self.part_dir, self.shard_max_bytes = part_dir, shard_max_bytes
+        self.exit_after_shards = exit_after_shards
+        self.stats = {"already_cached": 0, "rows": 0, "tokens": 0, "positions": 0, "engine_s": 0.0, "loop_s": 0.0,
+                      "bytes": 0, "shards": 0}
+        # The engine loads in the constructor, so the N replicas load theirs in parallel.
+        self.engine = _engine(cfg, meta["teacher"]["dtype"])
+
+    def progress(self) -> dict:
+        return dict(self.stats)
+
+    def run(self, dataset: Any) -> dict:
+        """Score every example of ``dataset`` (a Ray Dataset, or None when nothing is routed here); return stats."""
+        from ray.data import DataContext
+
+        from rlkd.pipeline.data import Example
+        from rlkd.pipeline.rows import build_row
+        from rlkd.pipeline.run import _score_and_write
+
+        # The driver shows one bar for the whole run. A dataset runs under the context it was created with.
+        DataContext.get_current().enable_progress_bars = False
+        if dataset is not None:
+            dataset.context.enable_progress_bars = False
+        cfg, stats = self.cfg, self.stats
+        t_run = time.perf_counter()
+        with CacheWriter(self.part_dir, self.meta, k=cfg.top_k, codec=cfg.codec,
+                         shard_max_bytes=self.shard_max_bytes, row_group_rows=cfg.row_group_rows,
+                         name_prefix=f"part{self.index}") as w:
+            batches = [] if dataset is None else dataset.iter_batches(batch_size=cfg.batch_size,
+                                                                      batch_format="pyarrow")
+            for table in batches:
+                todo = []
+                for ex in _examples(table, Example):
+                    # The driver already dropped finished rows; this also covers rows of a part this actor reopened.
+                    if w.has(make_row_id(ex.input_ids, ex.source_index)):
+                        stats["already_cached"] += 1
+                    else:
+                        todo.append(ex)
+                if todo:
+                    _score_and_write(todo, self.engine, w, cfg, stats, build_row)
+                stats["shards"] = w.stats["shards"]
+                if self.exit_after_shards is not None and stats["shards"] >= self.exit_after_shards:
+                    os._exit(1)  # test hook: die like a SIGKILL (no cleanup, open shard left as .tmp)
+            stats["loop_s"] = time.perf_counter() - t_run
+        stats["bytes"] = w.stats["bytes"]
+        stats["shards"] = w.stats["shards"]
+        return dict(stats)
+
+
+def _examples(table, Example) -> list:
+    """An Arrow batch (source_index, input_ids, loss_mask) -> Example objects with numpy arrays."""
+    src = table.column("source_index").to_numpy()
+    ids_col = table.column("input_ids").combine_chunks()
+    mask_col = table.column("loss_mask").combine_chunks()
+    ids_flat = ids_col.values.to_numpy()
+    mask_flat = mask_col.values.to_numpy(zero_copy_only=False)
+    ido, mo = ids_col.offsets.to_numpy(), mask_col.offsets.to_numpy()
+    return [Example(int(src[j]), ids_flat[ido[j]:ido[j + 1]].astype(np.int32),
+                    mask_flat[mo[j]:mo[j + 1]].astype(bool)) for j in range(len(src))]
+
+
+def _block(examples: list):
+    """Examples -> one Arrow table (list columns built from flat arrays and offsets, no Python lists of ints)."""
+    import pyarrow as pa
+
+    lens = np.array([ex.input_ids.shape[0] for ex in examples], dtype=np.int32)
+    ids_off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    mask_off = np.concatenate([[0], np.cumsum(lens - 1)]).astype(np.int32)
+    return pa.table({
+        "source_index": pa.array([ex.source_index for ex in examples], type=pa.int64()),
+        "input_ids": pa.ListArray.from_arrays(
+            pa.array(ids_off), pa.array(np.concatenate([ex.input_ids for ex in examples]).astype(np.int32))),
+        "loss_mask": pa.ListArray.from_arrays(
+            pa.array(mask_off), pa.array(np.concatenate([ex.loss_mask for ex in examples]).astype(bool))),
+    })
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------------
+
+
+def _prepare(cfg: CacheTeacherConfig):
+    """Tokenizer, source dataset and manifest meta, as :func:`rlkd.pipeline.run.cache_teacher` builds them."""
+    from transformers import AutoTokenizer
+
+    from rlkd.pipeline.data import dataset_identity, load_source
+    from rlkd.pipeline.run import resolve_teacher, teacher_identity
+
+    local, model_config = resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # fails before any work
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(local.resolve()) if local is not None else cfg.teacher, trust_remote_code=cfg.trust_remote_code
+    )
+    ds = load_source(cfg)
+    meta = {
+        "teacher": teacher_identity(cfg, local, model_config),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "dataset": dataset_identity(cfg, ds, tokenizer),
+        "config": config_to_dict(cfg),
+        "logprobs_mode": "raw_logprobs",
+        "temperature": 1.0,
+        "engine": cfg.engine,
+    }
+    return tokenizer, ds, meta
+
+
+def _part_dirs(out: Path) -> list[Path]:
+    return sorted((p for p in out.glob(PART_PREFIX + "*") if p.is_dir() and p.name[len(PART_PREFIX):].isdigit()),
+                  key=lambda p: int(p.name[len(PART_PREFIX):]))
+
+
+def _check_out(out: Path, meta: dict, cfg: CacheTeacherConfig) -> None:
+    """Refuse an ``out`` that holds a single-process cache, or parts written with other settings (all problems)."""
+    problems: list[str] = []
+    if manifest_path(out).exists():
+        m = read_manifest(out)
+        if "ray" not in (m.get("config") or {}):
+            problems.append(f"{out} holds a cache written without --ray (its manifest lists shards of its own). "
+                            "Give --ray runs their own --out, or re-run without --ray to resume that cache")
+    new = {"format_version": FORMAT_VERSION, "k": cfg.top_k, "codec": cfg.codec, **meta}
+    for part in _part_dirs(out):
+        if manifest_path(part).exists():
+            diffs = identity_differences(read_manifest(part), new)
+            if diffs:
+                problems.append(f"{part} was written with different settings:\n"
+                                + "\n".join(f"      {d}" for d in diffs))
+    if problems:
+        raise CacheMismatchError(f"cache-teacher --ray cannot resume {out}, {len(problems)} problem(s):\n"
+                                 + "\n".join(f"  - {p}" for p in problems)
+                                 + "\nUse a new --out, or rerun with the cache's original settings.")
+
+
+def finished_row_ids(out: str | os.PathLike) -> set[str]:
+    """Every row_id in a finished shard of any part of ``out`` (listed or not yet listed in its part manifest: a
+    writer adopts those on reopen). ``.tmp`` files are unfinished and do not count."""
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for part in _part_dirs(Path(out)):
+        for shard in sorted(part.glob("*.parquet")):
+            ids.update(pq.read_table(shard, columns=["row_id"]).column("row_id").to_pylist())
+    return ids
+
+
+def _lock(out: Path) -> int:
+    """One driver per ``out``: the same lock file a CacheWriter takes, so a single-process writer is refused too."""
+    from rlkd.cache.writer import LOCK_NAME
+
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RayStage1Error(f"{out} is being written by another cache-teacher run; wait for it or use another "
+                             "--out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"cache-teacher --ray driver, pid {os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: str | None = None,
+                      progress: bool = True, shard_max_bytes: int | None = None,
+                      _exit_after_shards: tuple[int, int] | None = None) -> dict:
+    """Run stage 1 on Ray with ``replicas`` engine actors; return the summary (keys of ``cache_teacher``'s, plus
+    ``replicas`` and ``per_replica``), printable with :func:`rlkd.pipeline.run.format_summary`.
+
+    ``ray_address``: ``"auto"`` joins the running cluster (``ray start`` / a Ray job); ``None`` starts a local one,
+    or uses the one this process already initialised. ``shard_max_bytes`` overrides ``cfg.shard_max_mb`` (tests use
+    tiny shards). ``_exit_after_shards=(i, n)``: test hook, replica ``i`` exits hard after finishing ``n`` shards.
+    """
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    ray = _import_ray()
+    from rlkd.pipeline.data import InputCounters, iter_examples
+    from rlkd.pipeline.merge import merge_caches
+
+    t_start = time.perf_counter()
+    tokenizer, ds, meta = _prepare(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock_fd = _lock(out)
+    started_ray = False
+    try:
+        _check_out(out, meta, cfg)
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address=ray_address, include_dashboard=False)
+        _, shard_parts = cfg.shard_index
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if cfg.engine == "vllm" and cfg.tensor_parallel_size > 1 and not use_gpu:
+            raise RayStage1Error("--tensor-parallel-size > 1 needs GPUs, and this Ray cluster has none")
+        options: dict[str, Any] = ({"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1} if use_gpu
+                                   else {"num_cpus": 1})
+        # max_concurrency=2: the driver's progress() calls run beside the long run() call.
+        Worker = ray.remote(Stage1Worker).options(max_concurrency=2, max_restarts=0, **options)
+        shard_bytes = shard_max_bytes if shard_max_bytes is not None else cfg.shard_max_mb << 20
+
+        done = finished_row_ids(out)
+        counters = InputCounters()
+        dispatched = 0
+        buckets: list[list] = [[] for _ in range(replicas)]
+        bucket_tokens = [0] * replicas
+        refs: list[list] = [[] for _ in range(replicas)]
+        already = 0
+        for ex in iter_examples(cfg, ds, tokenizer, counters):
+            if make_row_id(ex.input_ids, ex.source_index) in done:
+                already += 1
+                continue
+            i = (ex.source_index // shard_parts) % replicas
+            dispatched += 1
+            buckets[i].append(ex)
+            bucket_tokens[i] += int(ex.input_ids.shape[0])
+            if len(buckets[i]) >= BLOCK_ROWS or bucket_tokens[i] >= BLOCK_TOKENS:
+                refs[i].append(ray.put(_block(buckets[i])))
+                buckets[i], bucket_tokens[i] = [], 0
+        for i in range(replicas):
+            if buckets[i]:
+                refs[i].append(ray.put(_block(buckets[i])))
+        buckets = []
+
+        per_replica: dict[int, dict] = {}
+        failures: list[str] = []
+        # Only replicas with rows routed to them start an engine (on resume, often a few), as a single-process
+        # run starts none when everything is cached.
+        # The datasets are built before the actors take their CPUs: from_arrow_refs runs a (1-CPU) metadata task per
+        # block, which would wait forever on a CPU-only cluster whose CPUs all hold engines.
+        datasets = {i: ray.data.from_arrow_refs(r) for i, r in enumerate(refs) if r}
+        actors = {i: Worker.remote(cfg, meta, i, replicas, str(out / f"{PART_PREFIX}{i}"), shard_bytes,
+                                   _exit_after_shards[1] if _exit_after_shards and _exit_after_shards[0] == i
+                                   else None)
+                  for i in datasets}
+        pending = {actors[i].run.remote(ds_i): i for i, ds_i in datasets.items()}
+        # Rows the driver did not dispatch (skipped by the input side, already cached) count as done.
+        bar = _progress(counters.rows, counters.rows - dispatched, progress and bool(pending))
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            for f in ready:
+                i = pending.pop(f)
+                try:
+                    per_replica[i] = ray.get(f)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    failures.append(f"replica {i} ({PART_PREFIX}{i}) failed: {type(e).__name__}: {first}")
+                # Free its GPUs (or CPU) now: with more replicas than the cluster holds at once, the ones still
+                # waiting for resources start as others finish.
+                ray.kill(actors[i])
+            if bar is not None:
+                rows = sum(p["rows"] + p["already_cached"] for p in per_replica.values())
+                for i in pending.values():
+                    try:
+                        p = ray.get(actors[i].progress.remote(), timeout=5)
+                        rows += p["rows"] + p["already_cached"]
+                    except Exception:  # noqa: BLE001 - a dying actor: its run() result says why
+                        pass
+                bar.n = counters.rows - dispatched + rows
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        # Parts no actor wrote this run (nothing routed to them, or left by a run with more replicas): drop their
+        # .tmp and adopt orphan shards, as their writer would on reopen.
+        for part in _part_dirs(out):
+            i = int(part.name[len(PART_PREFIX):])
+            if i not in actors and manifest_path(part).exists():
+                CacheWriter(part, meta, k=cfg.top_k, codec=cfg.codec, row_group_rows=cfg.row_group_rows,
+                            name_prefix=f"part{i}").close(complete=not failures)
+        merged = _write_merged(out, cfg, replicas, merge_caches, allow_incomplete=bool(failures))
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+        if started_ray:
+            ray.shutdown()
+    if failures:
+        raise RayStage1Error(
+            f"cache-teacher --ray: {len(failures)} of {replicas} replica(s) stopped:\n"
+            + "\n".join(f"  - {f}" for f in failures)
+            + f"\nEvery finished shard is kept and listed in {manifest_path(out)} (marked incomplete). Re-run the "
+            "same command to resume: finished rows are skipped, the rest is scored again."
+        )
+    wall = time.perf_counter() - t_start
+    tot = {key: sum(p.get(key, 0) for p in per_replica.values()) for key in ("rows", "tokens", "positions", "bytes",
+                                                                   "engine_s", "already_cached")}
+    return {
+        "out": str(out),
+        "rows_written": tot["rows"],
+        "rows_already_cached": already + tot["already_cached"],
+        "rows_in_cache": merged["rows"],
+        "tokens": tot["tokens"],
+        "positions": tot["positions"],
+        "bytes": tot["bytes"],
+        "bytes_per_token": tot["bytes"] / tot["tokens"] if tot["tokens"] else 0.0,
+        "seconds": wall,
+        "engine_seconds": tot["engine_s"],
+        "loop_seconds": max((p.get("loop_s", 0.0) for p in per_replica.values()), default=0.0),
+        "tokens_per_s": tot["tokens"] / wall if wall > 0 else 0.0,
+        "input": counters.as_dict(),
+        "input_summary": counters.summary(),
+        "shard": cfg.shard,
+        "replicas": replicas,
+        "per_replica": [{"replica": i, **per_replica[i]} for i in sorted(per_replica)],
+    }
+
+
+def _write_merged(out: Path, cfg: CacheTeacherConfig, replicas: int, merge_caches, allow_incomplete: bool) -> dict:
+    """Replace ``OUT/manifest.json`` by one listing every part's shards (parts stay where they are)."""
+    from rlkd.cache.manifest import write_manifest
+
+    parts = [p for p in _part_dirs(out) if manifest_path(p).exists()]
+    if manifest_path(out).exists():  # ours (checked by _check_out): rebuilt from the parts every run
+        manifest_path(out).unlink()
+    if not parts:  # nothing to score at all (every row skipped by the input side)
+        return {"rows": 0}
+    merged = merge_caches(out, parts, allow_incomplete=allow_incomplete)
+    merged["config"]["ray"] = {"replicas": replicas, "config": config_to_dict(cfg)}
+    write_manifest(out, merged)
+    return merged
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="seq", desc="cache-teacher --ray", dynamic_ncols=True)
