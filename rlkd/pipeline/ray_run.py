@@ -12,7 +12,7 @@
    so the driver never holds more than one block per actor and big runs spill to disk rather than fail.
 4. Each actor holds one rlkd engine (vLLM or HF; ``num_gpus=T`` when the cluster has GPUs, one CPU otherwise),
    iterates its dataset in ``batch_size`` batches and scores/writes them with the single-process code
-   (``run._score_and_write`` -> ``engine.score`` -> ``rows.build_row`` -> ``CacheWriter.write``), so both paths
+   (``run.score_and_write`` -> ``engine.score`` -> ``rows.build_row`` -> ``CacheWriter.write``), so both paths
    write identical rows.
 5. The driver joins the parts with :func:`rlkd.pipeline.merge.merge_caches` into ``OUT/manifest.json`` (shard paths
    ``part-{i}/...``), which ``CacheReader``, ``rlkd inspect`` and ``rlkd verify`` read like any cache.
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from rlkd.cache import CacheWriter, make_row_id, read_manifest, tokenizer_identity
+from rlkd.cache import CacheWriter, make_row_id, read_manifest
 from rlkd.cache.manifest import CacheMismatchError, identity_differences, manifest_path
 from rlkd.cache.schema import FORMAT_VERSION
 from rlkd.config import config_to_dict
@@ -89,7 +89,7 @@ class Stage1Worker:
 
     def __init__(self, cfg: CacheTeacherConfig, meta: dict, index: int, replicas: int, part_dir: str,
                  shard_max_bytes: int, exit_after_shards: int | None = None):
-        from rlkd.pipeline.run import _engine
+        from rlkd.pipeline.run import engine_for
 
         self.cfg, self.meta, self.index, self.replicas = cfg, meta, index, replicas
         self.part_dir, self.shard_max_bytes = part_dir, shard_max_bytes
@@ -97,7 +97,7 @@ class Stage1Worker:
         self.stats = {"already_cached": 0, "rows": 0, "tokens": 0, "positions": 0, "engine_s": 0.0, "loop_s": 0.0,
                       "bytes": 0, "shards": 0}
         # The engine loads in the constructor, so the N replicas load theirs in parallel.
-        self.engine = _engine(cfg, meta["teacher"]["dtype"])
+        self.engine = engine_for(cfg, meta["teacher"]["dtype"])
 
     def progress(self) -> dict:
         return dict(self.stats)
@@ -107,8 +107,7 @@ class Stage1Worker:
         from ray.data import DataContext
 
         from rlkd.pipeline.data import Example
-        from rlkd.pipeline.rows import build_row
-        from rlkd.pipeline.run import _score_and_write
+        from rlkd.pipeline.run import score_and_write
 
         # The driver shows one bar for the whole run. A dataset runs under the context it was created with.
         DataContext.get_current().enable_progress_bars = False
@@ -130,7 +129,7 @@ class Stage1Worker:
                     else:
                         todo.append(ex)
                 if todo:
-                    _score_and_write(todo, self.engine, w, cfg, stats, build_row)
+                    score_and_write(todo, self.engine, w, cfg, stats)
                 stats["shards"] = w.stats["shards"]
                 if self.exit_after_shards is not None and stats["shards"] >= self.exit_after_shards:
                     os._exit(1)  # test hook: die like a SIGKILL (no cleanup, open shard left as .tmp)
@@ -169,30 +168,6 @@ def _block(examples: list):
 
 
 # ---- the driver ----------------------------------------------------------------------------------------------------
-
-
-def _prepare(cfg: CacheTeacherConfig):
-    """Tokenizer, source dataset and manifest meta, as :func:`rlkd.pipeline.run.cache_teacher` builds them."""
-    from transformers import AutoTokenizer
-
-    from rlkd.pipeline.data import dataset_identity, load_source
-    from rlkd.pipeline.run import resolve_teacher, teacher_identity
-
-    local, model_config = resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # fails before any work
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(local.resolve()) if local is not None else cfg.teacher, trust_remote_code=cfg.trust_remote_code
-    )
-    ds = load_source(cfg)
-    meta = {
-        "teacher": teacher_identity(cfg, local, model_config),
-        "tokenizer": tokenizer_identity(tokenizer),
-        "dataset": dataset_identity(cfg, ds, tokenizer),
-        "config": config_to_dict(cfg),
-        "logprobs_mode": "raw_logprobs",
-        "temperature": 1.0,
-        "engine": cfg.engine,
-    }
-    return tokenizer, ds, meta
 
 
 def _part_dirs(out: Path) -> list[Path]:
@@ -264,9 +239,10 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
     ray = _import_ray()
     from rlkd.pipeline.data import InputCounters, iter_examples
     from rlkd.pipeline.merge import merge_caches
+    from rlkd.pipeline.run import prepare_run
 
     t_start = time.perf_counter()
-    tokenizer, ds, meta = _prepare(cfg)
+    tokenizer, ds, meta = prepare_run(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(out)

@@ -103,7 +103,34 @@ def teacher_identity(cfg: CacheTeacherConfig, local: Path | None, model_config: 
 # ---- the run -------------------------------------------------------------------------------------------------------
 
 
-def _engine(cfg: CacheTeacherConfig, dtype: str):
+def prepare_run(cfg: CacheTeacherConfig) -> tuple[Any, Any, dict]:
+    """(tokenizer, source dataset, manifest meta) for a run; shared by the single-process and the Ray paths.
+
+    Checks the teacher before any work, so a wrong ``--teacher`` fails in seconds.
+    """
+    from transformers import AutoTokenizer
+
+    from rlkd.pipeline.data import dataset_identity, load_source
+
+    local, model_config = resolve_teacher(cfg.teacher, cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(local.resolve()) if local is not None else cfg.teacher, trust_remote_code=cfg.trust_remote_code
+    )
+    ds = load_source(cfg)
+    meta = {
+        "teacher": teacher_identity(cfg, local, model_config),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "dataset": dataset_identity(cfg, ds, tokenizer),
+        "config": config_to_dict(cfg),
+        "logprobs_mode": "raw_logprobs",
+        "temperature": 1.0,
+        "engine": cfg.engine,
+    }
+    return tokenizer, ds, meta
+
+
+def engine_for(cfg: CacheTeacherConfig, dtype: str):
+    """The teacher engine ``cfg`` asks for (vLLM or HF), built now."""
     from rlkd.pipeline.engines import build_engine
 
     return build_engine(
@@ -127,29 +154,15 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     ``engine``: an already-built engine to use (tests pass one to share a vLLM start); built from ``cfg`` otherwise,
     and only once there is something left to score.
     """
-    from transformers import AutoTokenizer
-
-    from rlkd.pipeline.data import InputCounters, dataset_identity, iter_examples, load_source
-    from rlkd.pipeline.rows import build_row
+    from rlkd.pipeline.data import InputCounters, iter_examples
 
     t_start = time.perf_counter()
     if engine is not None and getattr(engine, "k", cfg.top_k) < cfg.top_k:
         raise ValueError(f"the engine returns top-{engine.k} but top_k={cfg.top_k} was asked: build it with k >= top_k")
-    local, model_config = resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # fails before any work
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(local.resolve()) if local is not None else cfg.teacher, trust_remote_code=cfg.trust_remote_code
-    )
-    ds = load_source(cfg)
+    tokenizer, ds, meta = prepare_run(cfg)
+    if engine is not None:
+        meta["engine"] = getattr(engine, "name", type(engine).__name__)
     shard_i, shard_n = cfg.shard_index
-    meta = {
-        "teacher": teacher_identity(cfg, local, model_config),
-        "tokenizer": tokenizer_identity(tokenizer),
-        "dataset": dataset_identity(cfg, ds, tokenizer),
-        "config": config_to_dict(cfg),
-        "logprobs_mode": "raw_logprobs",
-        "temperature": 1.0,
-        "engine": cfg.engine if engine is None else getattr(engine, "name", type(engine).__name__),
-    }
     dtype = meta["teacher"]["dtype"]
     counters = InputCounters()
     planned = _planned_rows(cfg, ds)
@@ -173,18 +186,18 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
             first = next(todo, None)
             if first is not None:
                 if engine is None:
-                    engine = _engine(cfg, dtype)
+                    engine = engine_for(cfg, dtype)
                 bar = _progress(planned, stats["already_cached"], enabled=progress)
                 batch = [first]
                 t_run = time.perf_counter()
                 for ex in todo:
                     if len(batch) == cfg.batch_size:
-                        _score_and_write(batch, engine, w, cfg, stats, build_row)
+                        score_and_write(batch, engine, w, cfg, stats)
                         _tick(bar, counters, stats, t_run, on_batch)
                         batch = []
                     batch.append(ex)
                 if batch:
-                    _score_and_write(batch, engine, w, cfg, stats, build_row)
+                    score_and_write(batch, engine, w, cfg, stats)
                     _tick(bar, counters, stats, t_run, on_batch)
                 stats["loop_s"] = time.perf_counter() - t_run
                 if bar is not None:
@@ -232,7 +245,10 @@ def _finished(out: Path) -> dict:
         return {"shards": 0, "rows": 0}
 
 
-def _score_and_write(batch: list, engine, w: CacheWriter, cfg: CacheTeacherConfig, stats: dict, build_row) -> None:
+def score_and_write(batch: list, engine, w: CacheWriter, cfg: CacheTeacherConfig, stats: dict) -> None:
+    """Score a batch of examples and write their rows; the one row-building path of every stage-1 runner."""
+    from rlkd.pipeline.rows import build_row
+
     t0 = time.perf_counter()
     scored = engine.score([ex.input_ids for ex in batch])
     stats["engine_s"] += time.perf_counter() - t0
