@@ -1,0 +1,443 @@
+"""Stage 2 benchmark: what training from the cache costs, side by side in one run, same student and batches.
+
+Measures (CPU by default; ``--device cuda`` for bf16 on a GPU):
+
+1. **Step time** of one optimizer step on the same batches, interleaved round-robin so machine noise hits all
+   variants alike (median over ``--steps``):
+   - ``kd_rank``: the trainer's own step (:func:`rlkd.trainer.loop.train_step`) with the default loss
+     (sparse forward KL + 2 x RLKD rank loss) from cached targets;
+   - ``kd_only``: the same with ``rank_weight=0`` (gives the ranking loss's overhead);
+   - ``ce_chunked``: the same step with only cross-entropy (the chunked loss, no teacher terms);
+   - ``ce_hf``: plain transformers fine-tuning, ``model(input_ids, labels=...)`` (full logits);
+   - ``online_kd``: the teacher held in memory and run on every batch (no grad), its top-k taken on the fly, then
+     the same student step: what the cache saves.
+   Goals: kd_rank <= 1.05 x ce; online_kd >= 1.8 x kd_rank; rank overhead <= 3%.
+2. **Peak memory** of one step at ``--mem-seq-len`` (4096) positions with the teacher's 49,152-token vocabulary, each
+   variant in its own subprocess (``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on GPU): a naive loss on
+   full (T, V) logits vs the chunked loss (KD+rank) vs the chunked CE-only loss, plus a ``model_only`` floor (the
+   same layers, no LM head) so the head's own share is visible. Goals: chunked <= 0.5 x naive and <= 1.2 x chunked
+   CE-only. ``--chunk-size`` and ``--mem-gradient-checkpointing`` change both the floor and the chunk tensors.
+3. **Reader rate**: positions/s the CacheReader decodes vs positions/s the trainer consumes. Goal >= 20x.
+
+Inputs: the SmolLM2-135M-Instruct teacher (``rlkd convert-teacher``, default ``~/.cache/rlkd/teachers/...``), a
+student made from it by keeping 6 of its 30 layers (``--student``, or made here with
+:func:`rlkd.models.make_student_from_layers`), and databricks-dolly-15k rows (``--data``), scored here with a plain
+transformers forward of the teacher into a q8 cache (k=20) so the benchmark does not need vLLM.
+
+Run: ``OMP_NUM_THREADS=2 python bench/stage2.py [--only steps|memory]`` (writes ``--out``/stage2-ONLY.json).
+Step times on a shared CPU are noisy: read the per-round times in the JSON beside the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rlkd.cache import (CacheReader, CacheWriter, TeacherRow, make_row_id, read_manifest,  # noqa: E402
+                        tokenizer_identity)
+from rlkd.trainer import loop  # noqa: E402
+from rlkd.trainer.chunked import chunked_distill_loss  # noqa: E402
+from rlkd.trainer.config import build_train_config  # noqa: E402
+from rlkd.trainer.data import to_model_batch  # noqa: E402
+from rlkd.trainer.losses import DistillLoss, LossConfig, TeacherTargets  # noqa: E402
+
+DEFAULT_TEACHER = Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser()
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"
+STUDENT_LAYERS = "0,6,12,18,24,29"
+"""6 of the teacher's 30 layers, spread over its depth."""
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------------
+
+def get_student(teacher: Path, student: Path | None, work: Path) -> Path:
+    if student is not None:
+        return student
+    path = work / "student-6l"
+    if (path / "config.json").is_file():
+        return path
+    from rlkd.models import make_student_from_layers
+
+    return make_student_from_layers(teacher, STUDENT_LAYERS, path, overwrite=True)
+
+
+def dolly_sequences(tokenizer, data: Path, n_rows: int, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids (T,), loss_mask (T-1,)) per row: chat-formatted, trained on the assistant's reply only."""
+    out = []
+    with open(data) as f:
+        for line in f:
+            ex = json.loads(line)
+            user = ex["instruction"] + (f"\n\n{ex['context']}" if ex.get("context") else "")
+            msgs = [{"role": "user", "content": user}]
+            prompt_text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            full_text = tokenizer.apply_chat_template(
+                msgs + [{"role": "assistant", "content": ex["response"]}], tokenize=False)
+            prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            full = tokenizer(full_text, add_special_tokens=False)["input_ids"][:seq_len]
+            if len(full) - len(prompt) < 8:
+                continue
+            loss_mask = np.arange(len(full) - 1) + 1 >= len(prompt)
+            out.append((np.asarray(full, dtype=np.int32), loss_mask))
+            if len(out) == n_rows:
+                break
+    return out
+
+
+def teacher_targets_from_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Top-k ids/log-probs and tail log-mass of (P, V) logits, as stage 1 caches them."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
+    top = torch.topk(logp, k, dim=-1)  # (P, k)
+    tail = torch.log1p(-top.values.exp().sum(-1).clamp(max=1.0))  # (P,)
+    return top.indices, top.values, tail, logp
+
+
+def build_cache(teacher_dir: Path, data: Path, out: Path, n_rows: int, seq_len: int, k: int) -> Path:
+    if (out / "manifest.json").is_file() and read_manifest(out).get("rows"):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    meta = {"teacher": {"name_or_path": str(teacher_dir), "vocab_size": teacher.config.vocab_size},
+            "tokenizer": tokenizer_identity(tok), "dataset": {"path": str(data), "rows": n_rows},
+            "config": {"seq_len": seq_len, "source": "bench/stage2.py"}, "logprobs_mode": "raw_logprobs",
+            "temperature": 1.0, "engine": "transformers"}
+    with CacheWriter(out, meta, k=k, codec="q8", row_group_rows=16) as w, torch.no_grad():
+        for i, (ids, loss_mask) in enumerate(dolly_sequences(tok, data, n_rows, seq_len)):
+            logits = teacher(torch.as_tensor(ids[None], dtype=torch.long)).logits[0, :-1]  # (P, V)
+            top_ids, top_lp, tail, logp = teacher_targets_from_logits(logits, k)
+            nxt = torch.as_tensor(ids[1:], dtype=torch.long)
+            target_lp = logp.gather(1, nxt[:, None]).squeeze(1)
+            P = len(ids) - 1
+            w.write(TeacherRow(
+                row_id=make_row_id(ids, i), source_index=i, input_ids=ids, loss_mask=loss_mask,
+                topk_count=np.full(P, k, np.int32), topk_ids=top_ids.numpy().astype(np.int32).ravel(),
+                topk_logprobs=top_lp.numpy().ravel(), tail_logmass=tail.numpy(),
+                target_logprob=target_lp.numpy(), target_rank=((logp > target_lp[:, None]).sum(1) + 1).numpy(),
+            ))
+    return out
+
+
+# ---- step time --------------------------------------------------------------------------------------------------
+
+def make_run(model, loss_cfg: LossConfig, device: torch.device, lr: float = 1e-5) -> loop.Run:
+    """The minimal :class:`loop.Run` that :func:`loop.train_step` needs, around a shared model."""
+    cfg = build_train_config({}, dict(student="-", cache="-", out="-", max_steps=1000, lr=lr,
+                                      **{f.name: getattr(loss_cfg, f.name)
+                                         for f in loss_cfg.__dataclass_fields__.values()}))
+    optimizer = loop._make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return loop.Run(cfg=cfg, out=Path("."), device=device, model=model, tokenizer=None,
+                    loss_fn=DistillLoss(loss_cfg), optimizer=optimizer, scheduler=scheduler, stream=None,
+                    total_steps=1000, eval_reader=None)
+
+
+def hf_ce_step(run: loop.Run, window: list[dict]) -> None:
+    """Plain fine-tuning: full logits and transformers' own shifted cross-entropy."""
+    for b in window:
+        mb = to_model_batch(b, run.device)
+        labels = torch.full_like(mb.input_ids, -100)
+        labels[:, 1:][mb.loss_mask[:, :-1]] = mb.input_ids[:, 1:][mb.loss_mask[:, :-1]]  # token t+1 at t+1
+        with loop._autocast(run.device):
+            out = run.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels)
+        (out.loss / len(window)).backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def online_kd_step(run: loop.Run, teacher, window: list[dict], k: int) -> None:
+    """Online KD: run the teacher on the batch, take its top-k and tail on the fly, then the same student step."""
+    fresh = []
+    for b in window:
+        b = dict(b)
+        with torch.no_grad(), loop._autocast(run.device):
+            logits = teacher(input_ids=b["input_ids"].to(run.device),
+                             attention_mask=b["attention_mask"].long().to(run.device)).logits  # (B, T, V)
+        ids, lp, tail, _ = teacher_targets_from_logits(logits.flatten(0, 1), k)
+        B, T = b["input_ids"].shape
+        b["topk_ids"], b["topk_logprobs"] = ids.view(B, T, k).cpu(), lp.view(B, T, k).cpu()
+        b["topk_valid"] = torch.ones(B, T, k, dtype=torch.bool)
+        b["tail_logmass"] = tail.view(B, T).cpu()
+        fresh.append(b)
+    loop.train_step(run, fresh)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # a CPU-GPU sync point, on purpose: time the work, not the launch
+
+
+def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.device, batch_size: int,
+               steps: int, k: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).to(device).train()
+    model.config.use_cache = False
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).to(device).eval()
+    reader = CacheReader(cache, batch_size=batch_size, shuffle=True, seed=0)
+    available = list(reader)
+    batches = [available[i % len(available)] for i in range(steps + 1)]  # reuse batches of a small cache
+    runs = {
+        "kd_rank": make_run(model, LossConfig(), device),
+        "kd_only": make_run(model, LossConfig(rank_weight=0.0), device),
+        "ce_chunked": make_run(model, LossConfig(kd="none", rank_weight=0.0, ce_weight=1.0), device),
+        "ce_hf": make_run(model, LossConfig(kd="none", rank_weight=0.0, ce_weight=1.0), device),
+    }
+    variants = {
+        "kd_rank": lambda w: loop.train_step(runs["kd_rank"], w),
+        "kd_only": lambda w: loop.train_step(runs["kd_only"], w),
+        "ce_chunked": lambda w: loop.train_step(runs["ce_chunked"], w),
+        "ce_hf": lambda w: hf_ce_step(runs["ce_hf"], w),
+        "online_kd": lambda w: online_kd_step(runs["kd_rank"], teacher, w, k),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU time: steadier on a shared host
+    for i, batch in enumerate(batches):  # batch 0 warms every variant up and is not timed
+        for name, fn in variants.items():
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn([batch])
+            sync(device)
+            if i > 0:
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        print(f"  round {i}/{steps}: " + ", ".join(f"{n} {v[-1]:.2f}s" for n, v in times.items() if v),
+              file=sys.stderr, flush=True)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
+    positions = statistics.mean(int(b["attention_mask"].sum() - b["attention_mask"].shape[0]) for b in batches[1:])
+    trained = statistics.mean(int(b["loss_mask"].sum()) for b in batches[1:])
+    return {
+        "median_step_s": med,
+        "all_step_s": times,
+        "scored_positions_per_batch": positions,
+        "trained_positions_per_batch": trained,
+        "kd_rank_over_ce_chunked": med["kd_rank"] / med["ce_chunked"],
+        "kd_rank_over_ce_hf": med["kd_rank"] / med["ce_hf"],
+        "online_kd_over_kd_rank": med["online_kd"] / med["kd_rank"],
+        "rank_overhead": med["kd_rank"] / med["kd_only"] - 1.0,
+        "trainer_positions_per_s": positions / med["kd_rank"],
+        "median_cpu_s": cpu_med,
+        "all_cpu_s": cpu,
+        "cpu_kd_rank_over_ce_chunked": cpu_med["kd_rank"] / cpu_med["ce_chunked"],
+        "cpu_kd_rank_over_ce_hf": cpu_med["kd_rank"] / cpu_med["ce_hf"],
+        "cpu_online_kd_over_kd_rank": cpu_med["online_kd"] / cpu_med["kd_rank"],
+        "cpu_rank_overhead": cpu_med["kd_rank"] / cpu_med["kd_only"] - 1.0,
+    }
+
+
+def reader_rate(cache: Path, batch_size: int, min_seconds: float = 3.0) -> dict:
+    reader = CacheReader(cache, batch_size=batch_size, shuffle=True, seed=0)
+    positions, epoch = 0, 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        reader.set_epoch(epoch)
+        for b in reader:
+            positions += int(b["attention_mask"].sum() - b["attention_mask"].shape[0])
+        epoch += 1
+    elapsed = time.perf_counter() - t0
+    return {"reader_positions_per_s": positions / elapsed, "epochs_read": epoch}
+
+
+# ---- peak memory (one subprocess per variant) -------------------------------------------------------------------
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS, where Linux allows it; return the RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_bytes("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    """Peak RSS since :func:`_reset_peak_rss` (VmHWM), else the process's ru_maxrss."""
+    return _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_child(mode: str, student_dir: str, seq_len: int, k: int, chunk: int, device_name: str,
+                 grad_ckpt: bool = False) -> dict:
+    """One optimizer-free forward+backward of the student at ``seq_len`` positions; report the peak memory."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device_name)
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).train()
+    model.config.use_cache = False
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    V = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, V, (1, seq_len), generator=g)
+    base = torch.randint(0, V, (seq_len, 1), generator=g)
+    lp = torch.log_softmax(torch.randn(seq_len, k + 1, generator=g) * 3, dim=-1)  # k entries + the tail bucket
+    top = torch.sort(lp[:, :k], dim=-1, descending=True).values
+    targets = TeacherTargets(topk_ids=(base + torch.arange(k) * 977) % V, topk_logprobs=top,
+                             topk_valid=torch.ones(seq_len, k, dtype=torch.bool), tail_logmass=lp[:, k],
+                             target_ids=torch.randint(0, V, (seq_len,), generator=g)).to(device)
+    cfg = LossConfig(chunk_size=chunk) if mode != "chunked_ce" else \
+        LossConfig(kd="none", rank_weight=0.0, ce_weight=1.0, chunk_size=chunk)
+    loss_fn = DistillLoss(cfg)
+    mask = torch.ones(1, seq_len, dtype=torch.bool, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _reset_peak_rss()  # so loading's transient peak does not hide the step's
+    t0 = time.perf_counter()
+    with loop._autocast(device):
+        hidden = model.get_decoder()(input_ids=input_ids.to(device), use_cache=False).last_hidden_state[mask]
+        lm_head = model.get_output_embeddings()
+        if mode == "model_only":  # the floor: the student's layers without any LM head or loss
+            total = hidden.float().pow(2).sum()
+        elif mode == "naive":  # the whole (T, V) logits, then the loss on them
+            terms = loss_fn(lm_head(hidden), targets)
+            total = terms["total"].sum()
+        else:
+            total = chunked_distill_loss(hidden, lm_head.weight, targets, loss_fn, chunk_size=chunk,
+                                         lm_head_bias=lm_head.bias)["total"]
+    (total / seq_len).backward()
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _peak_rss()
+    return {"mode": mode, "peak_bytes": peak, "before_step_bytes": before, "step_bytes": peak - before,
+            "seconds": elapsed}
+
+
+def measure_memory(student_dir: Path, seq_len: int, k: int, chunk: int, device: str, grad_ckpt: bool) -> dict:
+    out = {}
+    for mode in ("naive", "chunked", "chunked_ce", "model_only"):
+        cmd = [sys.executable, __file__, "--memory-child", mode, "--student", str(student_dir),
+               "--mem-seq-len", str(seq_len), "--k", str(k), "--chunk-size", str(chunk), "--device", device]
+        cmd += ["--mem-gradient-checkpointing"] if grad_ckpt else []
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory child {mode} failed:\n{res.stderr[-3000:]}")
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    mb = {m: v["peak_bytes"] / 2**20 for m, v in out.items()}
+    step_mb = {m: v["step_bytes"] / 2**20 for m, v in out.items()}
+    return {"peak_mb": mb, "step_mb": step_mb, "seconds": {m: v["seconds"] for m, v in out.items()},
+            "chunked_over_naive": mb["chunked"] / mb["naive"],
+            "chunked_over_chunked_ce": mb["chunked"] / mb["chunked_ce"],
+            "step_chunked_over_naive": _ratio(step_mb["chunked"], step_mb["naive"]),
+            "step_chunked_over_chunked_ce": _ratio(step_mb["chunked"], step_mb["chunked_ce"]),
+            # the LM head + loss alone: peak above the model-only floor (same layers, no head)
+            "head_mb": {m: mb[m] - mb["model_only"] for m in ("naive", "chunked", "chunked_ce")},
+            "chunk_size": chunk, "gradient_checkpointing": grad_ckpt}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER)
+    p.add_argument("--student", type=Path, default=None, help="default: 6 teacher layers, made under --out")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench-stage2")
+    p.add_argument("--rows", type=int, default=24)
+    p.add_argument("--seq-len", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--mem-seq-len", type=int, default=4096)
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", choices=["all", "steps", "memory"], default="all")
+    p.add_argument("--mem-gradient-checkpointing", action="store_true",
+                   help="memory runs with gradient checkpointing (lowers the layers' share, not the head's)")
+    p.add_argument("--memory-child", choices=["naive", "chunked", "chunked_ce", "model_only"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, str(args.student), args.mem_seq_len, args.k,
+                                      args.chunk_size, args.device, args.mem_gradient_checkpointing)))
+        return
+
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    student = get_student(args.teacher, args.student, args.out)
+    cache = build_cache(args.teacher, args.data, args.out / f"cache-{args.rows}x{args.seq_len}-k{args.k}",
+                        args.rows, args.seq_len, args.k)
+    print(f"inputs ready in {time.perf_counter() - t0:.0f}s: student {student}, cache {cache}", file=sys.stderr)
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+              "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "k": args.k}
+    if args.only in ("all", "steps"):
+        report["steps"] = time_steps(student, args.teacher, cache, device, args.batch_size, args.steps, args.k)
+        report["reader"] = reader_rate(cache, args.batch_size)
+        report["reader"]["reader_over_trainer"] = (report["reader"]["reader_positions_per_s"]
+                                                   / report["steps"]["trainer_positions_per_s"])
+    if args.only in ("all", "memory"):
+        report["memory"] = measure_memory(student, args.mem_seq_len, args.k, args.chunk_size, args.device,
+                                          args.mem_gradient_checkpointing)
+    (args.out / f"stage2-{args.only}.json").write_text(json.dumps(report, indent=1))
+
+    lines = [f"device: {report['device']} ({report['precision']}), batch {args.batch_size} x <= {args.seq_len} tokens"]
+    if "steps" in report:
+        lines += step_lines(report)
+    if "memory" in report:
+        lines += memory_lines(report, args.mem_seq_len)
+    print("\n".join(lines))
+
+
+def step_lines(report: dict) -> list[str]:
+    s, r = report["steps"], report["reader"]
+    return [
+        "median step (s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_step_s"].items()),
+        f"kd+rank / CE (chunked): {s['kd_rank_over_ce_chunked']:.3f}x   kd+rank / CE (HF full logits): "
+        f"{s['kd_rank_over_ce_hf']:.3f}x   (goal <= 1.05)",
+        f"online KD / cached kd+rank: {s['online_kd_over_kd_rank']:.2f}x (goal >= 1.8)",
+        f"rank-loss overhead: {100 * s['rank_overhead']:+.1f}% (goal <= 3%)",
+        "by process CPU time: " + ", ".join(f"{k} {v:.2f}s" for k, v in s["median_cpu_s"].items())
+        + f"; kd+rank/CE chunked {s['cpu_kd_rank_over_ce_chunked']:.3f}x, /CE HF {s['cpu_kd_rank_over_ce_hf']:.3f}x, "
+          f"online/cached {s['cpu_online_kd_over_kd_rank']:.2f}x, rank overhead {100 * s['cpu_rank_overhead']:+.1f}%",
+        f"reader {r['reader_positions_per_s']:.0f} pos/s vs trainer {s['trainer_positions_per_s']:.0f} pos/s: "
+        f"{r['reader_over_trainer']:.0f}x (goal >= 20)",
+    ]
+
+
+def memory_lines(report: dict, seq_len: int) -> list[str]:
+    m = report["memory"]
+    head = m["head_mb"]
+    return [
+        f"peak memory at T={seq_len}, chunk {m['chunk_size']}, gradient checkpointing {m['gradient_checkpointing']}: "
+        + ", ".join(f"{k} {v:.0f} MB" for k, v in m["peak_mb"].items())
+        + f"; chunked/naive {m['chunked_over_naive']:.2f} (goal <= 0.5), chunked/CE-only "
+          f"{m['chunked_over_chunked_ce']:.2f} (goal <= 1.2)",
+        "LM head + loss above the model-only floor: " + ", ".join(f"{k} {v:.0f} MB" for k, v in head.items())
+        + f"; chunked/naive {_ratio(head['chunked'], head['naive'])}",
+    ]
+
+
+if __name__ == "__main__":
+    main()

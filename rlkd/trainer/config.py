@@ -1,0 +1,265 @@
+"""Stage 2 configuration: one typed dataclass per concern, built from ``--config train.yaml`` plus flags.
+
+The YAML file may be flat (``lr: 1e-4``) or grouped by concern (``optim: {lr: 1e-4}``); flags always win. Every
+field name is unique across the sections, so a flat key routes to exactly one of them. All problems (unknown keys,
+wrong types, out-of-range values, contradictory settings) are collected and reported together in one
+:class:`~rlkd.config.ConfigError` naming the options at fault.
+
+The resolved config is written beside the outputs (``OUT/train_config.yaml``) in the grouped form, so it can be
+passed back with ``--config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rlkd.config import ConfigError, build_config, config_to_dict
+from rlkd.trainer.losses import LossConfig
+
+
+@dataclass
+class RunConfig:
+    """What to train, where to write it, and how to resume."""
+
+    student: str
+    """The student: a local Hugging Face folder or a hub name, loaded with ``AutoModelForCausalLM``. Its tokenizer
+    must be the one the cache was written with."""
+    out: str
+    """Output folder: checkpoints, ``final/``, ``metrics.jsonl`` and the resolved config go here."""
+    seed: int = 0
+    """Seeds torch, numpy and python RNGs and the cache reader's shuffle."""
+    resume: str | None = None
+    """``auto`` continues from the latest complete ``OUT/checkpoint-*``, a path continues from that checkpoint;
+    unset starts from scratch (and refuses an OUT that already holds checkpoints)."""
+    save_every: int = 500
+    """Save ``OUT/checkpoint-{step}/`` every this many optimizer steps (0: only the final model)."""
+    keep_last: int = 3
+    """Keep only the newest this many checkpoints (0: keep all)."""
+    device: str = "auto"
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's layer activations in backward: less memory, roughly a third more compute."""
+    report_to: Literal["none", "tensorboard"] = "none"
+    """Extra metrics sink besides ``OUT/metrics.jsonl``; ``tensorboard`` needs the ``tensorboard`` package."""
+    log_every: int = 1
+    """Write a ``metrics.jsonl`` line every this many steps."""
+    progress: bool = True
+    """Show a tqdm bar (rank 0 only) with loss, tokens/s and ETA."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.save_every < 0:
+            problems.append(f"save_every must be >= 0, got {self.save_every}")
+        if self.keep_last < 0:
+            problems.append(f"keep_last must be >= 0, got {self.keep_last}")
+        if self.log_every < 1:
+            problems.append(f"log_every must be >= 1, got {self.log_every}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return problems
+
+
+@dataclass
+class DataConfig:
+    """Where the teacher targets come from and how they are batched."""
+
+    cache: str
+    """The stage 1 cache folder (with ``manifest.json``)."""
+    batch_size: int = 8
+    """Rows per micro-batch (per rank)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. The global batch is ``batch_size * grad_accum * world_size`` rows."""
+    eval_cache: str | None = None
+    """A separate cache to evaluate on. Mutually exclusive with ``eval_fraction``."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training cache for evaluation, chosen by a hash of each row's ``row_id`` (so the
+    same rows are held out in every run and on every rank) and never trained on. 0 disables it."""
+    eval_max_rows: int = 512
+    """Evaluate on at most this many rows (the first ones in file order), kept in memory between evaluations."""
+    group_by_length: bool = False
+    """Sort rows of ``length_group`` consecutive micro-batches by length before batching them: less padding."""
+    length_group: int = 16
+    """Micro-batches pooled together when ``group_by_length`` is on."""
+    shuffle_buffer: int = 1024
+    """The cache reader's shuffle buffer, in rows."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
+        if self.eval_cache and self.eval_fraction > 0:
+            problems.append(
+                f"eval_cache ({self.eval_cache}) and eval_fraction ({self.eval_fraction}) contradict each other: "
+                "give --eval-cache or --eval-fraction, not both"
+            )
+        if self.eval_max_rows < 1:
+            problems.append(f"eval_max_rows must be >= 1, got {self.eval_max_rows}")
+        if self.length_group < 1:
+            problems.append(f"length_group must be >= 1, got {self.length_group}")
+        if self.shuffle_buffer < 1:
+            problems.append(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        return problems
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, the learning-rate schedule, and how long to train."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to matrices only (not to norms and biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to ``min_lr_ratio * lr``, or constant."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """The schedule ends at this fraction of ``lr``."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping; the norm is still logged)."""
+    max_steps: int | None = None
+    """Train for this many optimizer steps. Give this or ``epochs``, not both."""
+    epochs: float | None = None
+    """Train for this many passes over the cache (whole epochs; the schedule's length is estimated from the row
+    count). Give this or ``max_steps``, not both."""
+    eval_every: int = 0
+    """Evaluate every this many steps, and once at the end (0: only at the end; needs an eval set)."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            problems.append(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        if self.max_steps is not None and self.epochs is not None:
+            problems.append(
+                f"max_steps ({self.max_steps}) and epochs ({self.epochs}) contradict each other: "
+                "give --max-steps or --epochs, not both"
+            )
+        if self.max_steps is None and self.epochs is None:
+            problems.append("give how long to train: --max-steps N or --epochs E")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs is not None and (self.epochs <= 0 or not float(self.epochs).is_integer()):
+            problems.append(f"epochs must be a whole number >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps > 1:
+            problems.append(
+                f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})"
+            )
+        if self.eval_every < 0:
+            problems.append(f"eval_every must be >= 0, got {self.eval_every}")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``rlkd train-student`` needs, one section per concern."""
+
+    run: RunConfig
+    """What to train, where to write, resume."""
+    data: DataConfig
+    """Cache, eval split, batching."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule, duration."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss terms and weights (see :mod:`rlkd.trainer.losses`)."""
+
+    def validate(self) -> list[str]:
+        """Problems that involve more than one section."""
+        problems = []
+        if self.optim.eval_every > 0 and not (self.data.eval_cache or self.data.eval_fraction > 0):
+            problems.append(
+                f"eval_every ({self.optim.eval_every}) needs an eval set: give --eval-cache DIR or --eval-fraction F"
+            )
+        return problems
+
+    def to_dict(self) -> dict:
+        """Grouped, JSON-safe: what is saved to ``OUT/train_config.yaml`` and inside every checkpoint."""
+        return {name: config_to_dict(getattr(self, name)) for name in SECTIONS}
+
+
+SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig}
+"""Section name -> dataclass, in the order they are saved."""
+
+
+def _owner_of() -> dict[str, str]:
+    """Field name -> the section that holds it. Names are unique across sections (checked by a test)."""
+    owner: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            owner[f.name] = section
+    return owner
+
+
+def build_train_config(file_values: dict | None = None, flags: dict | None = None, *,
+                       source: str = "train config") -> TrainConfig:
+    """Build a :class:`TrainConfig` from a YAML mapping (flat or grouped) and flag values (flat; ``None`` = unset).
+
+    Raises :class:`ConfigError` listing every problem: unknown keys, type errors, each section's ``validate()``, and
+    the cross-section checks in :meth:`TrainConfig.validate`.
+    """
+    owner = _owner_of()
+    per_section: dict[str, list[dict]] = {s: [{}, {}] for s in SECTIONS}
+    problems: list[str] = []
+
+    def route(mapping: dict, layer: int) -> None:
+        for key, value in mapping.items():
+            name = str(key).replace("-", "_")
+            if name in SECTIONS and isinstance(value, dict) and layer == 0:
+                for sub_key, sub_value in value.items():
+                    sub = str(sub_key).replace("-", "_")
+                    if owner.get(sub) != name:
+                        where = f" (it belongs in {owner[sub]}:)" if sub in owner else ""
+                        problems.append(f"unknown option {name}.{sub_key}{where}")
+                        continue
+                    per_section[name][layer][sub] = sub_value
+            elif name in owner:
+                if value is not None:
+                    per_section[owner[name]][layer][name] = value
+            else:
+                close = [f for f in owner if f.startswith(name[:3])]
+                hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+                problems.append(f"unknown option {key!r}{hint}")
+
+    route(file_values or {}, 0)
+    route({k: v for k, v in (flags or {}).items() if v is not None}, 1)
+
+    built: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        try:
+            built[section] = build_config(cls, *per_section[section], source=section)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems, source)
+    cfg = TrainConfig(**built)
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def train_config_from_dict(grouped: dict) -> TrainConfig:
+    """Rebuild a config saved by :meth:`TrainConfig.to_dict` (e.g. from a checkpoint)."""
+    return build_train_config(grouped, None, source="saved train config")

@@ -1,0 +1,487 @@
+"""Stage 2: train a student from the cache alone. Reads top to bottom: ``setup`` -> ``train`` -> ``cleanup``.
+
+One optimizer step
+------------------
+1. Pull ``grad_accum`` micro-batches (the accumulation window) from :class:`~rlkd.trainer.data.TrainStream`.
+2. Count the trained positions of the whole window, ``N_window`` (summed over ranks when distributed).
+3. Per micro-batch: run the student's *base* model (``model.get_decoder()``: embeddings, layers, final norm) to
+   hidden states (B, T, H), keep the trained positions (N, H), and hand them with the LM head's weight to
+   :func:`~rlkd.trainer.chunked.chunked_distill_loss`, which computes the head, the log-softmax and every loss term
+   in chunks of positions, so the (tokens x vocab) logits are never built. It returns the *sum* of each term over
+   the micro-batch's positions; we backpropagate ``sum / N_window``.
+4. Clip the gradient norm, AdamW step, schedule step.
+
+Normalisation: the loss of a step is the mean over every trained position of the global batch (all micro-batches
+of the window, all ranks), not a mean of per-micro-batch means. So the gradient does not depend on how the global
+batch is split into micro-batches or ranks, and a short last micro-batch is not over-weighted. The logged ``kd``,
+``rank``, ``ce`` and ``total`` are those same means, i.e. exactly what was backpropagated.
+
+The teacher is never loaded: its top-k comes from the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
+from rlkd.trainer.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from rlkd.trainer.chunked import chunked_distill_loss
+from rlkd.trainer.config import TrainConfig
+from rlkd.trainer.data import TrainStream, load_eval_batches, max_cached_id, to_model_batch
+from rlkd.trainer.losses import DistillLoss
+from rlkd.trainer.metrics import PeakMetrics
+
+LOGGED_TERMS = ("total", "kd", "rank", "ce", "overlap")
+"""Loss terms logged per step (means over the step's trained positions)."""
+
+
+class TrainSetupError(ValueError):
+    """The student, cache or output folder cannot be used; raised before any step, naming what to fix."""
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds and ``train`` uses."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    loss_fn: DistillLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: TrainStream
+    total_steps: int
+    eval_reader: CacheReader | None
+    step: int = 0
+    rank: int = 0
+    world_size: int = 1
+    eval_batches: list | None = None
+    sinks: list = field(default_factory=list)
+    last_metrics: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+
+
+def train_student(cfg: TrainConfig) -> dict:
+    """Run stage 2 end to end; returns a summary (final folder, steps, last metrics, last eval)."""
+    run = setup(cfg)
+    try:
+        train(run)
+        final = save_final(run)
+    finally:
+        cleanup(run)
+    return {"final": str(final), "step": run.step, "metrics": run.last_metrics, "eval": run.last_eval}
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check everything that can be checked before a step, then build model, data, optimizer and sinks."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars would break our tqdm line
+
+    rank, world_size = _dist_rank_world()
+    device = _pick_device(cfg.run.device)
+    out = Path(cfg.run.out)
+    resume_from = resolve_resume(cfg.run.resume, out)
+    if resume_from is None and latest_checkpoint(out) is not None:
+        raise TrainSetupError(
+            f"{out} already holds checkpoints ({latest_checkpoint(out).name}): pass --resume auto to continue that "
+            "run, or choose another --out")
+
+    # Refusals: the cache's ids must mean the same tokens to the student, and fit in its vocabulary.
+    tokenizer = AutoTokenizer.from_pretrained(cfg.run.student)
+    check_student_fits_cache(cfg, tokenizer, AutoConfig.from_pretrained(cfg.run.student))
+
+    _seed_everything(cfg.run.seed)
+    model_path = str(resume_from / "model") if resume_from else cfg.run.student
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)  # fp32 master weights
+    model.to(device)
+    model.config.use_cache = False
+    if cfg.run.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    reader = CacheReader(cfg.data.cache, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.run.seed,
+                         rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer)
+    epochs = int(cfg.optim.epochs) if cfg.optim.epochs is not None else None
+    stream = TrainStream(reader, batch_size=cfg.data.batch_size, eval_fraction=cfg.data.eval_fraction,
+                         group_by_length=cfg.data.group_by_length, length_group=cfg.data.length_group,
+                         seed=cfg.run.seed, epochs=epochs)
+    if cfg.optim.max_steps is not None:
+        total_steps = cfg.optim.max_steps
+    else:  # an estimate: the exact count depends on the eval split and grouping, known only after a pass
+        rows = reader.num_rows * (1.0 - cfg.data.eval_fraction)
+        total_steps = max(1, math.ceil(rows / (cfg.data.batch_size * cfg.data.grad_accum))) * epochs
+    eval_reader = None
+    if cfg.data.eval_cache or cfg.data.eval_fraction > 0:
+        eval_reader = CacheReader(cfg.data.eval_cache or cfg.data.cache, batch_size=cfg.data.batch_size,
+                                  shuffle=False, rank=rank, world_size=world_size)
+
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer, loss_fn=DistillLoss(cfg.loss),
+              optimizer=optimizer, scheduler=scheduler, stream=stream, total_steps=total_steps,
+              eval_reader=eval_reader, rank=rank, world_size=world_size)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, optimizer=optimizer, scheduler=scheduler)
+        run.step = int(state["step"])
+        stream.load_state_dict(state["data"])
+        _warn_config_changes(state.get("config", {}), cfg.to_dict(), resume_from, rank)
+        _truncate_metrics(out / "metrics.jsonl", run.step)
+        _say(run, f"resumed from {resume_from} at step {run.step}")
+    if rank == 0:
+        (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run.sinks = _open_sinks(cfg, out)
+    return run
+
+
+def check_student_fits_cache(cfg: TrainConfig, tokenizer, student_config) -> None:
+    """Refuse, before any step, a student that cannot learn from the cache(s), naming what to change."""
+    caches = [cfg.data.cache] + ([cfg.data.eval_cache] if cfg.data.eval_cache else [])
+    vocab = int(student_config.vocab_size)
+    for i, cache_dir in enumerate(caches):
+        manifest = read_manifest(cache_dir)
+        where = f"the {'eval ' if i else ''}cache {cache_dir}"
+        check_tokenizer_compatible(tokenizer, manifest.get("tokenizer") or {}, where=where)
+        largest = max_cached_id(cache_dir, manifest)
+        if largest >= vocab:
+            raise TrainSetupError(
+                f"the student {cfg.run.student} has a vocabulary of {vocab} ids, but {where} holds token id "
+                f"{largest}: the student's embedding and LM head must cover every cached id. Use a student made from "
+                f"the teacher (`rlkd make-student`) or resize its embeddings to at least {largest + 1}.")
+        cache_k = int(manifest.get("k", 0))
+        if (cfg.loss.rank_weight > 0 or cfg.loss.dynamic) and cache_k < cfg.loss.rank_k:
+            raise TrainSetupError(
+                f"rank_k={cfg.loss.rank_k} needs a cache with k >= {cfg.loss.rank_k}, but {where} has k={cache_k}: "
+                "lower --rank-k or rebuild the cache with a larger --k")
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(student_config, attr, None) not in (None, 1.0):
+            raise TrainSetupError(
+                f"the student's config sets {attr}={getattr(student_config, attr)}: the chunked loss applies the LM "
+                "head as a plain linear layer and would train different logits than the model serves")
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainSetupError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Multiplier of the peak lr at optimizer step ``s`` (0-based): linear warmup, then cosine/linear/constant."""
+    o = cfg.optim
+    warmup, floor = o.warmup_steps, o.min_lr_ratio
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * decay
+
+    return factor
+
+
+def _warn_config_changes(saved: dict, now: dict, where: Path, rank: int) -> None:
+    changed = [f"{sec}.{k}: {saved[sec][k]!r} -> {now[sec][k]!r}"
+               for sec in now if sec in saved for k in now[sec]
+               if k in saved[sec] and saved[sec][k] != now[sec][k] and k not in ("resume",)]
+    if changed and rank == 0:
+        print(f"warning: resuming {where} with a different config (the run will not match an uninterrupted one): "
+              + "; ".join(changed), file=sys.stderr)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _open_sinks(cfg: TrainConfig, out: Path) -> list:
+    sinks = [TensorboardSink(out / "tensorboard")] if cfg.run.report_to == "tensorboard" else []  # may refuse
+    return [JsonlSink(out / "metrics.jsonl")] + sinks
+
+
+class JsonlSink:
+    """One JSON object per line; appended and flushed so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+
+    def log(self, record: dict) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class TensorboardSink:
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch ships the wrapper; the writer needs the tensorboard package
+            raise TrainSetupError("--report-to tensorboard needs the tensorboard package: `pip install tensorboard`"
+                                  ) from e
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, record: dict) -> None:
+        prefix = "eval/" if record.get("split") == "eval" else "train/"
+        for key, value in record.items():
+            if key not in ("step", "split", "epoch") and isinstance(value, (int, float)):
+                self.writer.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ---- train ------------------------------------------------------------------------------------------------------
+
+def train(run: Run) -> None:
+    """Optimizer steps until ``max_steps`` (or the last epoch), with evaluation and checkpoints."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    batches = iter(run.stream)
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
+               disable=not cfg.run.progress or run.rank != 0, desc="train")
+    while cfg.optim.max_steps is None or run.step < cfg.optim.max_steps:
+        window = [b for _, b in zip(range(cfg.data.grad_accum), batches)]
+        if not window:
+            break  # the last epoch is over
+        record = train_step(run, window)
+        run.step += 1
+        record["step"] = run.step
+        record["epoch"] = run.stream.epoch
+        run.last_metrics = record
+        if run.step % cfg.run.log_every == 0:
+            _log(run, record)
+        bar.set_postfix(loss=f"{record['total']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        bar.update(1)
+        if cfg.optim.eval_every and run.step % cfg.optim.eval_every == 0:
+            run_eval(run)
+        if cfg.run.save_every and run.step % cfg.run.save_every == 0:
+            _save(run)
+    bar.close()
+    if run.eval_reader is not None and not (cfg.optim.eval_every and run.step % cfg.optim.eval_every == 0):
+        run_eval(run)  # always end with an evaluation
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPU (master weights, optimizer and loss reductions stay fp32); plain fp32 on CPU.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def student_hidden(model: torch.nn.Module, mb) -> torch.Tensor:
+    """(N, H) final hidden states of the student at the trained positions (after the final norm)."""
+    base = model.get_decoder()
+    hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).last_hidden_state
+    return hidden[mb.loss_mask]  # (B, T, H) -> (N, H), row-major like the targets
+
+
+def train_step(run: Run, window: list[dict]) -> dict:
+    """One optimizer step over an accumulation window; returns the logged record (means over the window)."""
+    t0 = time.perf_counter()
+    model, cfg = run.model, run.cfg
+    mbs = [to_model_batch(b, run.device) for b in window]
+    n_window = _global_sum(sum(mb.positions for mb in mbs), run.device)
+    lm_head = model.get_output_embeddings()
+    sums = {k: torch.zeros((), device=run.device, dtype=torch.float64) for k in LOGGED_TERMS}
+    for mb in mbs:
+        with _autocast(run.device):
+            hidden = student_hidden(model, mb)  # (N, H)
+            terms = chunked_distill_loss(hidden, lm_head.weight, mb.targets, run.loss_fn,
+                                         chunk_size=cfg.loss.chunk_size, lm_head_bias=lm_head.bias)
+        # Mean over the window's positions on every rank. With DDP, gradients are averaged over ranks, so the
+        # per-rank loss would be scaled by world_size here to keep the global mean; the Scale-out issue wires it.
+        (terms["total"] * (run.world_size / n_window)).backward()
+        for k in LOGGED_TERMS:
+            sums[k] += terms[k].detach().double()
+    clip = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # pre-clip norm
+    lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+    # .item() calls below are a CPU-GPU sync point, once per step
+    means = {k: (_global_sum_tensor(v) / n_window).item() for k, v in sums.items()}
+    tokens = sum(mb.tokens for mb in mbs)
+    elapsed = time.perf_counter() - t0
+    return {**means, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "positions": n_window,
+            "tokens_per_s": tokens / elapsed, "positions_per_s": n_window / elapsed, "step_time_s": elapsed}
+
+
+def _global_sum(n: int, device: torch.device) -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([n], device=device)
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+    return n
+
+
+def _global_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict], loss_cfg, device: torch.device) -> dict:
+    """Sparse KL (forward, with the configured tail), CE, rank loss and the peak metrics over ``batches``.
+
+    The KL here is always the forward sparse KL at temperature 1, whatever the training loss, so runs with
+    different losses compare on one scale.
+    """
+    eval_cfg = dataclasses.replace(loss_cfg, kd="forward_kl", kd_weight=1.0, temperature=1.0, dynamic=False)
+    loss_fn = DistillLoss(eval_cfg)
+    lm_head = model.get_output_embeddings()
+    cache_k = int(batches[0]["topk_ids"].shape[-1]) if batches else 0
+    # The paper's CR@{1,2,5} and OR/MOR@{5,10}, limited to what the cache's k can define.
+    peaks = PeakMetrics(cr_ks=tuple(k for k in (1, 2, 5) if k <= cache_k),
+                        or_ks=tuple(k for k in (5, 10) if k <= cache_k))
+    sums = {"kd": 0.0, "ce": 0.0, "rank": 0.0}
+    n = 0
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        mb = to_model_batch(batch, device)
+        with _autocast(device):
+            hidden = student_hidden(model, mb)  # (N, H)
+        for start in range(0, mb.positions, eval_cfg.chunk_size):
+            end = min(start + eval_cfg.chunk_size, mb.positions)
+            logits = lm_head(hidden[start:end]).float()  # (n, V): one chunk at a time
+            tgt = mb.targets.slice(start, end)
+            terms = loss_fn(logits, tgt)
+            peaks.update(logits, tgt.topk_ids, tgt.topk_valid, terms["kd"])
+            for k in sums:
+                sums[k] += float(terms[k].double().sum())
+            n += end - start
+    model.train(was_training)
+    result = {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
+    result.update({k: v for k, v in peaks.compute().items() if k != "kd"})
+    return result
+
+
+def run_eval(run: Run) -> dict:
+    if run.eval_reader is None:
+        return {}
+    if run.eval_batches is None:  # read once, kept in memory
+        run.eval_batches = load_eval_batches(run.eval_reader, batch_size=run.cfg.data.batch_size,
+                                             eval_fraction=0.0 if run.cfg.data.eval_cache
+                                             else run.cfg.data.eval_fraction,
+                                             max_rows=run.cfg.data.eval_max_rows)
+        if not run.eval_batches:
+            _say(run, "warning: the eval set is empty (eval_fraction too small for this cache?); no evaluation")
+    if not run.eval_batches:
+        return {}
+    result = evaluate(run.model, run.eval_batches, run.cfg.loss, run.device)
+    result = {"step": run.step, "split": "eval", **result}
+    run.last_eval = result
+    _log(run, result)
+    shown = {k: result.get(k) for k in ("eval_kd", "eval_ce", "top1_agreement", "cr@1", "mor@5")}
+    _say(run, f"eval step {run.step}: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items() if v is not None))
+    return result
+
+
+def _save(run: Run) -> None:
+    if run.rank != 0:
+        return
+    save_checkpoint(run.out, run.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                    trainer_state={"data": run.stream.state_dict(), "config": run.cfg.to_dict()},
+                    keep_last=run.cfg.run.keep_last)
+
+
+def _log(run: Run, record: dict) -> None:
+    for sink in run.sinks:
+        sink.log(record)
+
+
+def _say(run: Run, message: str) -> None:
+    if run.rank == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+
+# ---- cleanup ----------------------------------------------------------------------------------------------------
+
+def save_final(run: Run) -> Path:
+    """``OUT/final``: the student (safetensors) with its tokenizer, loadable by transformers and vLLM."""
+    final = run.out / "final"
+    if run.rank != 0:
+        return final
+    tmp = run.out / "final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model = run.model
+    if run.cfg.run.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True  # restore inference defaults in the saved config
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    run.tokenizer.save_pretrained(str(tmp))
+    (tmp / "rlkd_train.json").write_text(json.dumps(
+        {"step": run.step, "config": run.cfg.to_dict(), "metrics": run.last_metrics, "eval": run.last_eval},
+        indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def cleanup(run: Run) -> None:
+    for sink in run.sinks:
+        sink.close()
+    run.sinks = []

@@ -1,0 +1,399 @@
+"""Stage 2 end to end on tiny models: config, data stream, training, logging, eval split, resume, refusals, CLI.
+
+References are independent of the trainer: logged losses are recomputed with a plain transformers forward (full
+logits, no chunking) and :class:`DistillLoss`; resume is compared against an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlkd.cache import CacheReader, TokenizerMismatchError
+from rlkd.config import ConfigError
+from rlkd.trainer import loop
+from rlkd.trainer.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from rlkd.trainer.config import SECTIONS, build_train_config
+from rlkd.trainer.data import TrainStream, is_eval_row, load_eval_batches
+from rlkd.trainer.losses import DistillLoss, TeacherTargets
+from tests import tiny
+from tests.cache_from_model import write_cache_from_model
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_K = 16
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, tiny_teacher_dir) -> Path:
+    """64 rows of the tiny teacher's top-16 (fp32 codec), row groups of 8."""
+    return write_cache_from_model(tiny_teacher_dir, tmp_path_factory.mktemp("s2cache") / "cache", n_rows=64,
+                                  k=CACHE_K)
+
+
+def make_cfg(student, cache, out, **kw):
+    flags = dict(student=str(student), cache=str(cache), out=str(out), progress=False, device="cpu")
+    flags.update(kw)
+    return build_train_config({}, flags)
+
+
+def read_metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in lines if r.get("split") != "eval"], [r for r in lines if r.get("split") == "eval"]
+
+
+def state_of(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# ---- config -----------------------------------------------------------------------------------------------------
+
+def test_config_reports_every_problem_together():
+    with pytest.raises(ConfigError) as e:
+        build_train_config({"loss": {"rank_k": "five"}, "bogus": 1},
+                           dict(student="s", cache="c", out="o", max_steps=10, epochs=2, eval_cache="e",
+                                eval_fraction=0.1, batch_size=0))
+    msg = str(e.value)
+    for expected in ("rank_k: expected int", "unknown option 'bogus'", "batch_size must be >= 1"):
+        assert expected in msg
+    # contradictory flags are named together in one line
+    assert any("max_steps" in p and "epochs" in p for p in e.value.problems)
+    assert any("eval_cache" in p and "eval_fraction" in p for p in e.value.problems)
+    with pytest.raises(ConfigError, match="eval_every .* needs an eval set"):
+        build_train_config({}, dict(student="s", cache="c", out="o", max_steps=10, eval_every=5))
+    with pytest.raises(ConfigError, match="no loss term is active"):
+        build_train_config({}, dict(student="s", cache="c", out="o", max_steps=10, kd="none", rank_weight=0))
+
+
+def test_config_grouped_and_flat_yaml_agree_and_round_trip():
+    names = [f.name for cls in SECTIONS.values() for f in __import__("dataclasses").fields(cls)]
+    assert len(names) == len(set(names)), "field names must be unique across sections (flat keys route by name)"
+    flat = build_train_config({"student": "s", "cache": "c", "out": "o", "lr": 3e-4, "rank_k": 7, "max_steps": 9})
+    grouped = build_train_config({"run": {"student": "s", "out": "o"}, "data": {"cache": "c"},
+                                  "optim": {"lr": 3e-4, "max_steps": 9}, "loss": {"rank_k": 7}})
+    assert flat == grouped
+    assert build_train_config(yaml.safe_load(yaml.safe_dump(flat.to_dict()))) == flat
+    flag_wins = build_train_config({"lr": 1.0, "student": "s", "cache": "c", "out": "o", "max_steps": 9}, {"lr": 2.0})
+    assert flag_wins.optim.lr == 2.0
+    with pytest.raises(ConfigError, match="belongs in optim"):
+        build_train_config({"loss": {"lr": 1.0}, "student": "s", "cache": "c", "out": "o", "max_steps": 9})
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+def test_train_stream_resumes_exactly_and_never_yields_eval_rows(cache_dir):
+    kw = dict(batch_size=3, eval_fraction=0.2, group_by_length=True, length_group=3, seed=5, epochs=2)
+
+    def stream():
+        return TrainStream(CacheReader(cache_dir, batch_size=3, seed=5, shuffle_buffer=16), **kw)
+
+    full = [b["row_id"] for b in stream()]
+    all_ids = [r.row_id for r in CacheReader(cache_dir).iter_rows()]
+    held_out = {i for i in all_ids if is_eval_row(i, 0.2)}
+    assert 0 < len(held_out) < len(all_ids)
+    # each of the 2 epochs trains on every non-eval row exactly once
+    flat = [i for b in full for i in b]
+    assert sorted(flat) == sorted([i for i in all_ids if i not in held_out] * 2)
+    # group by length: rows within a batch come from one pool sorted by length, so padding is small
+    for cut in (1, 4, 7, len(full) // 2 + 1, len(full) - 1):
+        s = stream()
+        it = iter(s)
+        for _ in range(cut):
+            next(it)
+        state = json.loads(json.dumps(s.state_dict()))  # must be JSON-safe
+        resumed = stream()
+        resumed.load_state_dict(state)
+        assert [b["row_id"] for b in resumed] == full[cut:], f"resume after batch {cut} diverged"
+
+
+def test_eval_batches_hold_exactly_the_held_out_rows(cache_dir):
+    reader = CacheReader(cache_dir, batch_size=4, shuffle=False)
+    batches = load_eval_batches(reader, batch_size=4, eval_fraction=0.25, max_rows=1000)
+    got = sorted(i for b in batches for i in b["row_id"])
+    expected = sorted(r.row_id for r in CacheReader(cache_dir).iter_rows() if is_eval_row(r.row_id, 0.25))
+    assert got == expected and len(got) > 0
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+def test_loss_falls_eval_is_held_out_and_final_loads(cache_dir, tiny_student_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trained_rows: set[str] = set()
+    real_step = loop.train_step
+
+    def spy(run, window):
+        for b in window:
+            trained_rows.update(b["row_id"])
+        return real_step(run, window)
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_student_dir, cache_dir, out, max_steps=30, batch_size=4, lr=3e-3, warmup_steps=2,
+                   eval_fraction=0.25, eval_every=15, save_every=10, keep_last=2)
+    summary = loop.train_student(cfg)
+
+    steps, evals = read_metrics(out)
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for r in steps:
+        for key in ("total", "kd", "rank", "ce", "lr", "grad_norm", "tokens_per_s", "step"):
+            assert isinstance(r[key], (int, float)), key
+    first = sum(r["total"] for r in steps[:5]) / 5
+    last = sum(r["total"] for r in steps[-5:]) / 5
+    assert last < first - 0.2, (first, last)
+
+    # evaluation: at steps 15 and 30, every metric present, only held-out rows, none of them trained on
+    assert [e["step"] for e in evals] == [15, 30]
+    for key in ("eval_kd", "eval_ce", "top1_agreement", "cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5", "mor@10"):
+        assert isinstance(evals[-1][key], float), key
+    all_ids = [r.row_id for r in CacheReader(cache_dir).iter_rows()]
+    eval_ids = {i for i in all_ids if is_eval_row(i, 0.25)}
+    assert eval_ids and not (eval_ids & trained_rows)
+    assert trained_rows == set(all_ids) - eval_ids  # 30 steps x 4 rows > one epoch of the 48 training rows
+
+    # the final folder loads with transformers, holds the trained weights and the student's tokenizer
+    final = Path(summary["final"])
+    model = AutoModelForCausalLM.from_pretrained(str(final)).eval()
+    assert AutoTokenizer.from_pretrained(str(final)).get_vocab() == \
+        AutoTokenizer.from_pretrained(str(tiny_student_dir)).get_vocab()
+    ckpt = state_of(out / "checkpoint-30" / "model")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt.items())
+    assert [s for s, _ in list_checkpoints(out)] == [20, 30]  # keep_last=2
+    assert yaml.safe_load((out / "train_config.yaml").read_text()) == cfg.to_dict()
+
+    # the last eval equals an independent dense computation with the final model
+    reader = CacheReader(cache_dir, batch_size=4, shuffle=False)
+    eval_cfg = __import__("dataclasses").replace(cfg.loss, rank_weight=0.0)
+    kd_sum, top1_hits, n = 0.0, 0, 0
+    with torch.no_grad():
+        for b in load_eval_batches(reader, batch_size=4, eval_fraction=0.25, max_rows=10**6):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long()).logits
+            mask = b["loss_mask"]
+            targets = TeacherTargets.from_batch(b)
+            kd_sum += float(DistillLoss(eval_cfg)(logits[mask], targets)["kd"].double().sum())
+            top1_hits += int((logits[mask].argmax(-1) == targets.topk_ids[:, 0]).sum())
+            n += int(mask.sum())
+    assert evals[-1]["eval_kd"] == pytest.approx(kd_sum / n, rel=1e-5)
+    assert evals[-1]["top1_agreement"] == pytest.approx(top1_hits / n)
+
+
+def test_logged_loss_and_grad_norm_equal_independent_recompute_under_accumulation(
+        cache_dir, tiny_student_dir, tmp_path, monkeypatch):
+    """One step of 3 micro-batches of 2 rows: the logged means are over the 6 rows' positions together."""
+    from transformers import AutoModelForCausalLM
+
+    windows = []
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda run, w: (windows.append(w), real_step(run, w))[1])
+    out = tmp_path / "accum"
+    cfg = make_cfg(tiny_student_dir, cache_dir, out, max_steps=1, batch_size=2, grad_accum=3, lr=1e-3,
+                   save_every=0, ce_weight=0.5)
+    loop.train_student(cfg)
+    (logged,), _ = read_metrics(out)
+    (window,) = windows
+    assert len(window) == 3
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_student_dir), dtype=torch.float32)
+    logits, targets = [], []
+    for b in window:  # plain forward: full (B, T, V) logits, no chunking, no accumulation
+        z = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long()).logits
+        logits.append(z[b["loss_mask"]])
+        targets.append(TeacherTargets.from_batch(b))
+    cat = TeacherTargets(*(torch.cat([getattr(t, f) for t in targets]) for f in
+                           ("topk_ids", "topk_logprobs", "topk_valid", "tail_logmass", "target_ids")))
+    terms = DistillLoss(cfg.loss)(torch.cat(logits), cat)
+    means = {k: v.mean() for k, v in terms.items()}
+    means["total"].backward()
+    means = {k: float(v.detach()) for k, v in means.items()}
+    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
+    for key in ("total", "kd", "rank", "ce"):
+        assert logged[key] == pytest.approx(means[key], rel=1e-5, abs=1e-6), key
+    assert logged["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-4)
+    assert logged["positions"] == len(cat) and logged["lr"] == pytest.approx(1e-3)
+
+    # the same 6 rows as one micro-batch give the same update: normalisation is over the window, not per batch
+    out6 = tmp_path / "one-batch"
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, out6, max_steps=1, batch_size=6, grad_accum=1,
+                                lr=1e-3, save_every=0, ce_weight=0.5))
+    (single,), _ = read_metrics(out6)
+    # (weights are not compared: Adam's first step is ~lr * sign(g), so float noise in near-zero gradients flips it)
+    for key in ("total", "kd", "rank", "ce", "grad_norm"):
+        assert single[key] == pytest.approx(logged[key], rel=1e-5), key
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {repo!r})
+    from rlkd.trainer import loop
+    from rlkd.trainer.config import build_train_config
+    real_save = loop._save
+    def save_then_wait(run):
+        real_save(run)
+        open(os.path.join({out!r}, "saved-%d" % run.step), "w").close()
+        time.sleep(600)  # the parent SIGKILLs us here, right after checkpoint N
+    loop._save = save_then_wait
+    loop.train_student(build_train_config({{}}, {flags!r}))
+""")
+
+
+def test_resume_after_sigkill_is_bit_identical(cache_dir, tiny_student_dir, tmp_path):
+    n = 3
+    flags = dict(max_steps=2 * n, save_every=n, batch_size=2, grad_accum=2, lr=2e-3, group_by_length=True,
+                 length_group=3, eval_fraction=0.1, warmup_steps=1, seed=7)
+    straight = tmp_path / "straight"
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, straight, **flags))
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    full_flags = dict(student=str(tiny_student_dir), cache=str(cache_dir), out=str(killed), progress=False,
+                      device="cpu", **flags)
+    script = _KILL_SCRIPT.format(repo=str(REPO), out=str(killed), flags=full_flags)
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (killed / f"saved-{n}").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the child never wrote checkpoint N"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert latest_checkpoint(killed).name == f"checkpoint-{n}"
+    assert not (killed / "final").exists()
+    # a save killed half-way leaves only a .tmp folder, which resume ignores
+    (killed / f"checkpoint-{2 * n}.tmp" / "model").mkdir(parents=True)
+
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, killed, resume="auto", **flags))
+    a, b = state_of(straight / "final"), state_of(killed / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    # the metrics of the resumed run continue the killed one's, and equal the straight run's
+    timing = ("tokens_per_s", "positions_per_s", "step_time_s")
+    def untimed(out):
+        return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)[0]]
+    assert untimed(killed) == untimed(straight)
+    assert [r["step"] for r in untimed(killed)] == list(range(1, 2 * n + 1))
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_student_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_student_dir))
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, trainer_state={"data": {}},
+                        keep_last=2)
+    (tmp_path / "checkpoint-9.tmp").mkdir()  # killed mid-save
+    (tmp_path / "checkpoint-8").mkdir()  # no trainer_state.json: incomplete
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
+
+
+# ---- refusals ---------------------------------------------------------------------------------------------------
+
+def test_refuses_other_tokenizer_before_training(cache_dir, tmp_path):
+    tok_dir, student = tmp_path / "tok400", tmp_path / "other-student"
+    tiny.make_tokenizer(tok_dir, vocab_size=400)
+    tiny.make_llama(student, tok_dir, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+    out = tmp_path / "out"
+    with pytest.raises(TokenizerMismatchError, match="tokenizer mismatch") as e:
+        loop.train_student(make_cfg(student, cache_dir, out, max_steps=2, save_every=0))
+    assert str(cache_dir) in str(e.value)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_refuses_small_vocab_through_the_cli(cache_dir, tiny_tokenizer_dir, tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rlkd.cli import main
+
+    student = tmp_path / "small-vocab"
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+    LlamaForCausalLM(config).save_pretrained(str(student))
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir)).save_pretrained(str(student))
+    largest = max(int(r.topk_ids.max()) for r in CacheReader(cache_dir).iter_rows())
+    assert largest >= 256
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["train-student", "--student", str(student), "--cache", str(cache_dir),
+                                       "--out", str(out), "--max-steps", "2", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "vocabulary of 256 ids" in result.output and f"token id {largest}" in result.output
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_cli_trains_from_a_yaml_config(cache_dir, tiny_student_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from rlkd.cli import main
+
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump({"data": {"batch_size": 4, "eval_fraction": 0.25},
+                                        "optim": {"max_steps": 2, "lr": 1e-3}, "loss": {"rank_k": 4}}))
+    out = tmp_path / "cli-run"
+    result = CliRunner().invoke(main, ["train-student", "--config", str(cfg_file), "--student",
+                                       str(tiny_student_dir), "--cache", str(cache_dir), "--out", str(out),
+                                       "--save-every", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["loss"]["rank_k"] == 4 and saved["data"]["batch_size"] == 4 and saved["run"]["save_every"] == 0
+    steps, evals = read_metrics(out)
+    assert len(steps) == 2 and len(evals) == 1
+    # contradictory flags are refused with both names, before anything runs
+    result = CliRunner().invoke(main, ["train-student", "--student", "s", "--cache", "c", "--out", "o",
+                                       "--max-steps", "3", "--epochs", "1"])
+    assert result.exit_code == 2 and "max_steps (3) and epochs (1.0)" in result.output
+
+
+def test_epochs_eval_cache_checkpointing_and_tensorboard(cache_dir, tiny_teacher_dir, tiny_student_dir, tmp_path,
+                                                        monkeypatch):
+    """--epochs 1 reads every row once; --eval-cache evaluates on that cache; gradient checkpointing changes memory,
+    not results; --report-to tensorboard writes events (or says which package to install)."""
+    eval_cache = write_cache_from_model(tiny_teacher_dir, tmp_path / "eval-cache", n_rows=6, k=CACHE_K, seed=3)
+    common = dict(epochs=1, batch_size=8, lr=2e-3, save_every=0, eval_cache=str(eval_cache), eval_max_rows=4)
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, plain, **common))
+    try:  # tensorboard is optional: with it, events are written; without it, the refusal below is what we test
+        import tensorboard  # noqa: F401
+        have_tb = True
+    except ImportError:
+        have_tb = False
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, ckpt, gradient_checkpointing=True,
+                                report_to="tensorboard" if have_tb else "none", **common))
+    steps, evals = read_metrics(plain)
+    assert len(steps) == 8  # 64 rows / 8
+    assert len(evals) == 1 and evals[0]["positions"] == sum(
+        int(r.loss_mask.sum()) for r in list(CacheReader(eval_cache).iter_rows())[:4])
+    a, b = state_of(plain / "final"), state_of(ckpt / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert bool(list((ckpt / "tensorboard").glob("events.out.tfevents.*"))) == have_tb
+    # without the package: a clear message before training
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(loop.TrainSetupError, match="pip install tensorboard"):
+        loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "no-tb", report_to="tensorboard",
+                                    **common))
+    # an OUT with checkpoints is not silently overwritten
+    save_checkpoint(tmp_path / "used", 5, model=__import__("transformers").AutoModelForCausalLM.from_pretrained(
+        str(tiny_student_dir)), optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+                                                    lambda s: 1.0), trainer_state={})
+    with pytest.raises(loop.TrainSetupError, match="--resume auto"):
+        loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "used", **common))
