@@ -232,38 +232,41 @@ def test_logged_loss_and_grad_norm_equal_independent_recompute_under_accumulatio
         assert single[key] == pytest.approx(logged[key], rel=1e-5), key
 
 
-_KILL_SCRIPT = textwrap.dedent("""
+_TRAIN_SCRIPT = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
     from rlkd.trainer import loop
     from rlkd.trainer.config import build_train_config
-    real_save = loop._save
-    def save_then_wait(run):
-        real_save(run)
-        open(os.path.join({out!r}, "saved-%d" % run.step), "w").close()
-        time.sleep(600)  # the parent SIGKILLs us here, right after checkpoint N
-    loop._save = save_then_wait
+    if {kill_after_save}:
+        real_save = loop._save
+        def save_then_wait(run):
+            real_save(run)
+            open(os.path.join({out!r}, "saved-%d" % run.step), "w").close()
+            time.sleep(600)  # the parent SIGKILLs us here, right after checkpoint N
+        loop._save = save_then_wait
     loop.train_student(build_train_config({{}}, {flags!r}))
 """)
 
 
-def test_resume_after_sigkill_is_bit_identical(cache_dir, tiny_student_dir, tmp_path):
-    n = 3
-    flags = dict(max_steps=2 * n, save_every=n, batch_size=2, grad_accum=2, lr=2e-3, group_by_length=True,
-                 length_group=3, eval_fraction=0.1, warmup_steps=1, seed=7)
-    straight = tmp_path / "straight"
-    loop.train_student(make_cfg(tiny_student_dir, cache_dir, straight, **flags))
+def _train_in_child(flags: dict, out: Path, *, kill_after_step: int | None = None) -> None:
+    """Train in a fresh process with one thread, so every run of this test reduces floats in the same order.
 
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    full_flags = dict(student=str(tiny_student_dir), cache=str(cache_dir), out=str(killed), progress=False,
-                      device="cpu", **flags)
-    script = _KILL_SCRIPT.format(repo=str(REPO), out=str(killed), flags=full_flags)
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    (The pytest process may hold vLLM's CPU thread binding, which fixes its own torch thread count; bit-identical
+    weights need identical thread counts, not just identical data.)
+    """
+    script = _TRAIN_SCRIPT.format(repo=str(REPO), out=str(out), flags=flags,
+                                  kill_after_save=kill_after_step is not None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if kill_after_step is None:
+        done = subprocess.run([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()[-3000:]
+        return
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 120
-        while not (killed / f"saved-{n}").exists():
+        deadline = time.time() + 180
+        while not (out / f"saved-{kill_after_step}").exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.time() < deadline, "the child never wrote checkpoint N"
             time.sleep(0.1)
@@ -273,12 +276,27 @@ def test_resume_after_sigkill_is_bit_identical(cache_dir, tiny_student_dir, tmp_
         if proc.poll() is None:
             proc.kill()
         proc.stderr.close()
+
+
+def test_resume_after_sigkill_is_bit_identical(cache_dir, tiny_student_dir, tmp_path):
+    n = 3
+    flags = dict(max_steps=2 * n, save_every=n, batch_size=2, grad_accum=2, lr=2e-3, group_by_length=True,
+                 length_group=3, eval_fraction=0.1, warmup_steps=1, seed=7)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    killed.mkdir()
+
+    def child_flags(out: Path, **extra) -> dict:
+        return dict(student=str(tiny_student_dir), cache=str(cache_dir), out=str(out), progress=False,
+                    device="cpu", **flags, **extra)
+
+    _train_in_child(child_flags(straight), straight)
+    _train_in_child(child_flags(killed), killed, kill_after_step=n)
     assert latest_checkpoint(killed).name == f"checkpoint-{n}"
     assert not (killed / "final").exists()
     # a save killed half-way leaves only a .tmp folder, which resume ignores
     (killed / f"checkpoint-{2 * n}.tmp" / "model").mkdir(parents=True)
 
-    loop.train_student(make_cfg(tiny_student_dir, cache_dir, killed, resume="auto", **flags))
+    _train_in_child(child_flags(killed, resume="auto"), killed)
     a, b = state_of(straight / "final"), state_of(killed / "final")
     assert a.keys() == b.keys()
     for key in a:
