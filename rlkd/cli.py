@@ -20,6 +20,14 @@ class _Group(click.Group):
         order = ["cache-teacher", "cache-merge", "train-student", "inspect", "verify", "make-student", "convert-teacher"]
         return sorted(self.commands, key=lambda c: order.index(c) if c in order else len(order))
 
+    def format_commands(self, ctx, formatter):
+        # click cuts each summary at 45 characters; ours are one line each and worth reading whole.
+        rows = [(name, self.commands[name].get_short_help_str(limit=200)) for name in self.list_commands(ctx)
+                if not self.commands[name].hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
