@@ -340,6 +340,21 @@ class DecodedBlock:
         self.topk_logprobs = decode_logprobs(codec, cols, counts)  # indexed from e0
         self._e0 = e0
 
+    @property
+    def num_positions(self) -> int:
+        return int(self.pos_off[-1] - self.pos_off[0])
+
+    def position_columns(self) -> dict[str, np.ndarray]:
+        """Per-position columns of all the block's rows, concatenated in row order (views, no copy):
+        ``topk_count``, ``tail_logmass``, ``target_logprob``, ``target_rank``, ``loss_mask`` of shape (P,), and
+        ``topk_logprobs`` of shape (sum(topk_count),)."""
+        p0, p1 = self.pos_off[0], self.pos_off[-1]
+        return {
+            "topk_count": self.counts[p0:p1], "topk_logprobs": self.topk_logprobs, "tail_logmass": self.tail[p0:p1],
+            "target_logprob": self.target_logprob[p0:p1], "target_rank": self.target_rank[p0:p1],
+            "loss_mask": self.loss_mask[p0:p1],
+        }
+
     def row(self, i: int, copy: bool = False) -> TeacherRow:
         """Row ``i`` as a TeacherRow of views (or copies, so the block can be freed while the row lives on)."""
         c = np.copy if copy else (lambda a: a)

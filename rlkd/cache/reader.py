@@ -443,13 +443,18 @@ class CacheReader:
             if not self.drop_last:
                 yield collate(batch, self.k)
 
-    def iter_rows(self) -> Iterator[TeacherRow]:
-        """Every row of the cache (all ranks), decoded and unpadded, in file order, without shuffling."""
+    def iter_blocks(self) -> Iterator[DecodedBlock]:
+        """Every row group of the cache (all ranks), decoded, in file order: flat columns for whole-cache tools
+        (``rlkd inspect``) that would otherwise pay a Python object per row."""
         for i in range(len(self._shards.entries)):
             for j in range(len(self._shards.row_group_rows(i))):
-                block = self._shards.read(i, j)
-                for r in range(block.num_rows):
-                    yield block.row(r)
+                yield self._shards.read(i, j)
+
+    def iter_rows(self) -> Iterator[TeacherRow]:
+        """Every row of the cache (all ranks), decoded and unpadded, in file order, without shuffling."""
+        for block in self.iter_blocks():
+            for r in range(block.num_rows):
+                yield block.row(r)
 
     # ---- resume --------------------------------------------------------------------------------------------------
 

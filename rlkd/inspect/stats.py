@@ -172,20 +172,27 @@ def position_arrays(counts: np.ndarray, logprobs: np.ndarray, tail_logmass: np.n
 # Reading a cache in chunks of many rows
 
 
-def _concat_rows(rows: list) -> dict[str, np.ndarray]:
-    names = ("topk_count", "topk_logprobs", "tail_logmass", "target_logprob", "target_rank", "loss_mask")
-    return {n: np.concatenate([np.asarray(getattr(r, n)) for r in rows]) for n in names}
+_COLUMNS = ("topk_count", "topk_logprobs", "tail_logmass", "target_logprob", "target_rank", "loss_mask")
 
 
-def iter_position_chunks(rows, *, vocab_size: int | None, threshold: float, chunk_positions: int = 1 << 16):
+def _columns(item) -> tuple[dict[str, np.ndarray], int]:
+    """(per-position columns, positions) of a decoded cache block or of one TeacherRow."""
+    if hasattr(item, "position_columns"):
+        return item.position_columns(), item.num_positions
+    return {n: np.asarray(getattr(item, n)) for n in _COLUMNS}, item.num_positions
+
+
+def iter_position_chunks(items, *, vocab_size: int | None, threshold: float, chunk_positions: int = 1 << 16):
     """Yield :class:`PositionArrays` for runs of consecutive rows holding about ``chunk_positions`` positions.
 
-    Rows are concatenated first so numpy's per-call overhead is paid per chunk, not per row.
+    ``items`` are decoded cache blocks (``CacheReader.iter_blocks()``, the fast path: a row group's columns are
+    already flat) or TeacherRows. They are concatenated first so numpy's per-call overhead is paid per chunk.
     """
     buf, n = [], 0
-    for row in rows:
-        buf.append(row)
-        n += row.num_positions
+    for item in items:
+        cols, p = _columns(item)
+        buf.append(cols)
+        n += p
         if n >= chunk_positions:
             yield _chunk(buf, vocab_size, threshold)
             buf, n = [], 0
@@ -193,8 +200,8 @@ def iter_position_chunks(rows, *, vocab_size: int | None, threshold: float, chun
         yield _chunk(buf, vocab_size, threshold)
 
 
-def _chunk(rows, vocab_size, threshold) -> PositionArrays:
-    c = _concat_rows(rows)
+def _chunk(parts: list[dict], vocab_size, threshold) -> PositionArrays:
+    c = parts[0] if len(parts) == 1 else {n: np.concatenate([p[n] for p in parts]) for n in _COLUMNS}
     return position_arrays(c["topk_count"], c["topk_logprobs"], c["tail_logmass"], c["target_logprob"],
                            c["target_rank"], c["loss_mask"], vocab_size=vocab_size, threshold=threshold)
 
@@ -240,7 +247,7 @@ def prefetch(iterable, depth: int = 512):
 
 def collect(rows, total_positions: int | None, *, sample: int | None, seed: int, vocab_size: int | None,
             threshold: float) -> PositionArrays:
-    """Per-position statistics of every position of ``rows`` (TeacherRows in file order), or of ``sample`` of
+    """Per-position statistics of every position of ``rows`` (decoded blocks or TeacherRows, in file order), or of ``sample`` of
     them drawn uniformly without replacement (seeded).
 
     Sampling picks global position indices up front from ``total_positions`` (the manifest's count), so only the
@@ -397,7 +404,7 @@ def summary(cache_dir, *, sample: int | None = None, seed: int = 0, threshold: f
     V = vocab_size if vocab_size is not None else vocab_limit(manifest)
     t0 = time.perf_counter()
     reader = CacheReader(cache_dir, shuffle=False)
-    arrays = collect(prefetch(reader.iter_rows()), int(manifest.get("positions", 0)) or None, sample=sample, seed=seed,
+    arrays = collect(prefetch(reader.iter_blocks(), depth=4), int(manifest.get("positions", 0)) or None, sample=sample, seed=seed,
                      vocab_size=V, threshold=threshold)
     seconds = time.perf_counter() - t0
     out = {
