@@ -91,6 +91,8 @@ def main():
               help="vLLM: GPU memory fraction [default: 0.85]; leave room, prompt log-probs are not profiled.")
 @click.option("--max-num-batched-tokens", type=int,
               help="vLLM: tokens per engine step; lower it if prompt log-probs run out of memory.")
+@click.option("--enforce-eager/--no-enforce-eager", default=None,
+              help="vLLM: skip compilation (starts in seconds, runs a little slower) [default: off].")
 @click.option("--trust-remote-code/--no-trust-remote-code", default=None,
               help="Run model/tokenizer code shipped with the checkpoint [default: off].")
 @click.option("--seed", type=int, help="Engine seed [default: 0].")

@@ -172,7 +172,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             continue
         _cli(cfg, "cache-teacher", "--teacher", str(teacher), "--dataset", str(data), "--out", str(cache),
              "--top-k", str(cfg.top_k), "--engine", engine, "--max-length", str(cfg.max_length),
-             "--dtype", cfg.dtype)
+             "--dtype", cfg.dtype,
+             # vLLM's compile costs minutes on a CPU and its cache does not reload there; eager mode starts at once.
+             *(["--enforce-eager"] if engine == "vllm" else []))
 
     from rlkd.models import parse_layers
 

@@ -117,6 +117,9 @@ class CacheTeacherConfig:
     """vLLM: fraction of GPU memory it may take. Leave room: prompt log-probs are not in vLLM's profile."""
     max_num_batched_tokens: int | None = None
     """vLLM: cap on tokens per engine step; lower it when prompt log-probs run out of memory."""
+    enforce_eager: bool = False
+    """vLLM: skip torch.compile and CUDA graphs. Starts in seconds instead of minutes, runs somewhat slower: worth it
+    for short runs and on CPU, where vLLM's compile cache may not reload."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the checkpoint. Off unless you trust the source."""
     seed: int = 0

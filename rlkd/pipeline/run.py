@@ -137,7 +137,7 @@ def engine_for(cfg: CacheTeacherConfig, dtype: str):
         cfg.engine, cfg.teacher, k=cfg.top_k, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
         max_length=cfg.max_length, tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization, max_num_batched_tokens=cfg.max_num_batched_tokens,
-        seed=cfg.seed,
+        enforce_eager=cfg.enforce_eager, seed=cfg.seed,
     )
 
 
