@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -206,14 +205,9 @@ def write_results_section(text: str, path: Path = RESULTS) -> None:
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from run_all import cpu_name  # bench/ is on sys.path when this script runs
+
+    cpu = cpu_name()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu} × {os.cpu_count()} cores"
     return f"{dev}, load {os.getloadavg()[0]:.1f} at start, torch {torch.__version__}"
 

@@ -155,15 +155,19 @@ def benches(a: argparse.Namespace) -> list[Bench]:
     ]
 
 
-def machine() -> dict:
-    cpu = platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else the architecture."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.machine()
+
+
+def machine() -> dict:
+    cpu = cpu_name()
     mem = None
     try:
         kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
