@@ -5,6 +5,7 @@ Stage modules are imported inside each command so that `rlkd --help` is instant 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -189,7 +190,9 @@ def _stage2_bool(name: str, help: str):
 @click.option("--max-steps", type=int, help="Optimizer steps to train (or --epochs).")
 @click.option("--epochs", type=float, help="Whole passes over the cache (or --max-steps).")
 @click.option("--batch-size", type=int, help="Rows per micro-batch (default 8).")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step (default 1).")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step and process (default 1).")
+@click.option("--global-batch", type=int,
+              help="Rows per optimizer step over all processes; derives --grad-accum, so any N trains alike.")
 @click.option("--lr", type=float, help="Peak learning rate (default 1e-4).")
 @click.option("--weight-decay", type=float, help="AdamW weight decay (default 0).")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR decay (default cosine).")
@@ -202,28 +205,42 @@ def _stage2_bool(name: str, help: str):
 @click.option("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint-STEP folder.")
 @click.option("--device", help="auto (default), cpu, cuda or cuda:N.")
 @_stage2_bool("gradient-checkpointing", "Recompute activations in backward to save memory.")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Processes (GPUs) on this node: re-runs this command under `torchrun --nproc-per-node N`.")
+@click.option("--strategy", type=click.Choice(["auto", "fsdp", "ddp"]),
+              help="With several processes: fsdp (FSDP2 sharding, the auto choice) or ddp (replicas).")
 @click.option("--report-to", type=click.Choice(["none", "tensorboard"]), help="Extra metrics sink.")
 @click.option("--log-every", type=int, help="Log every N steps (default 1).")
 @_stage2_bool("progress", "Show the progress bar (default on).")
-def train_student_cmd(config_file, **flags):
+def train_student_cmd(config_file, nproc, **flags):
     """Train a student from the cache alone: sparse KL + the RLKD ranking loss (the teacher is never loaded).
 
     \b
     rlkd train-student --student students/smol-6l --cache cache/dolly --out runs/kd \\
         --eval-fraction 0.02 --max-steps 2000 --save-every 200 --resume auto
+
+    Several GPUs on one node: add --nproc N (or run `torchrun --nproc-per-node N -m rlkd.cli train-student ...`);
+    give --global-batch so the run trains the same for any N, and --resume works onto any N.
     """
     from rlkd.cache import CacheCorruptError, TokenizerMismatchError
     from rlkd.config import load_yaml
     from rlkd.trainer.config import build_train_config
-    from rlkd.trainer.loop import TrainSetupError, train_student
 
     file_values = load_yaml(config_file) if config_file else {}
     cfg = build_train_config(file_values, flags, source=config_file or "flags")
+    if nproc and nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from rlkd.trainer.distributed import relaunch_under_torchrun, strip_nproc
+
+        cfg.grad_accum_for(nproc)  # a global batch that N cannot split is reported once, before launching
+        relaunch_under_torchrun(nproc, strip_nproc(sys.argv[1:]))  # does not return
+    from rlkd.trainer.loop import TrainSetupError, train_student
+
     try:
         summary = train_student(cfg)
     except (TrainSetupError, TokenizerMismatchError, CacheCorruptError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"final student: {summary['final']} (step {summary['step']})")
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"final student: {summary['final']} (step {summary['step']})")
 
 
 # ---- viewer: inspect --------------------------------------------------------------------------------------------

@@ -409,9 +409,9 @@ def test_epochs_eval_cache_checkpointing_and_tensorboard(cache_dir, tiny_teacher
         loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "no-tb", report_to="tensorboard",
                                     **common))
     # an OUT with checkpoints is not silently overwritten
-    save_checkpoint(tmp_path / "used", 5, model=__import__("transformers").AutoModelForCausalLM.from_pretrained(
-        str(tiny_student_dir)), optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
-        scheduler=torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
-                                                    lambda s: 1.0), trainer_state={})
+    used_model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(tiny_student_dir))
+    used_opt = torch.optim.SGD(used_model.parameters())
+    save_checkpoint(tmp_path / "used", 5, model=used_model, optimizer=used_opt,
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(used_opt, lambda s: 1.0), trainer_state={})
     with pytest.raises(loop.TrainSetupError, match="--resume auto"):
         loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "used", **common))

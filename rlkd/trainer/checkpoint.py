@@ -3,8 +3,9 @@
 Layout::
 
     checkpoint-{step}/
-      model/              save_pretrained (safetensors) + config.json
-      optimizer.pt        optimizer.state_dict()
+      model/              save_pretrained (safetensors) + config.json: the whole model
+      optimizer.pt        the whole optimizer state, keyed by parameter name
+                          (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``)
       scheduler.pt        scheduler.state_dict()
       rng.pt              torch / cuda / numpy / python RNG states (tensors, ints and tuples only)
       trainer_state.json  step, data stream state (incl. the reader's state_dict), config; written LAST
@@ -13,6 +14,9 @@ A checkpoint is written to ``checkpoint-{step}.tmp/`` and renamed into place onl
 a save leaves the previous checkpoint intact and a stray ``.tmp`` folder that :func:`latest_checkpoint` ignores
 (and the next save removes). Every ``.pt`` file holds only tensors and plain containers and is read with
 ``torch.load(weights_only=True)``.
+
+A distributed run (FSDP2 or DDP) gathers the full model and optimizer state to rank 0, which writes this same
+layout; so any checkpoint resumes with any number of processes, one included (see :mod:`rlkd.trainer.distributed`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from rlkd.cache.manifest import fsync_dir
+from rlkd.trainer.distributed import full_model_state, full_optimizer_state, load_full_optimizer_state
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -94,14 +99,22 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out_dir: str | Path, step: int, *, model, optimizer, scheduler, trainer_state: dict,
                     keep_last: int = 0) -> Path:
-    """Write ``checkpoint-{step}`` atomically (tmp folder + rename), then prune to the newest ``keep_last``."""
+    """Write ``checkpoint-{step}`` atomically (tmp folder + rename), then prune to the newest ``keep_last``.
+
+    ``model`` is the HF model (sharded or not). In a distributed run every process must call this (the state is
+    gathered from the shards); only rank 0 writes.
+    """
+    model_state = full_model_state(model)
+    optimizer_state = full_optimizer_state(model, optimizer)
     final = checkpoint_dir(out_dir, step)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return final
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a run killed mid-save
     tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    model.save_pretrained(str(tmp / "model"), state_dict=model_state, safe_serialization=True)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     state = dict(trainer_state, step=step)
@@ -119,14 +132,15 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model, optimizer, schedul
     return final
 
 
-def load_checkpoint(path: str | Path, *, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNG states from ``path``; return its trainer state (step, data, config).
 
-    The model weights are loaded by the caller from ``path/model`` (with ``from_pretrained``) before the optimizer
-    is built, so the optimizer's parameters are the restored ones.
+    The model weights are loaded by the caller from ``path/model`` (with ``from_pretrained``) before the model is
+    wrapped and the optimizer built, so the optimizer's parameters are the restored ones. Every process loads the
+    whole optimizer state and keeps its shard of it.
     """
     path = Path(path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    load_full_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / STATE_FILE).read_text())

@@ -41,6 +41,10 @@ class RunConfig:
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     gradient_checkpointing: bool = False
     """Recompute the student's layer activations in backward: less memory, roughly a third more compute."""
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"
+    """How several processes (``torchrun`` or ``--nproc``) share the student: ``fsdp`` shards parameters, gradients
+    and optimizer state with FSDP2 (bf16 compute, fp32 reduction on GPU); ``ddp`` replicates the model (fine for small
+    students); ``auto`` is ``fsdp``. Ignored in a single process."""
     report_to: Literal["none", "tensorboard"] = "none"
     """Extra metrics sink besides ``OUT/metrics.jsonl``; ``tensorboard`` needs the ``tensorboard`` package."""
     log_every: int = 1
@@ -70,7 +74,12 @@ class DataConfig:
     batch_size: int = 8
     """Rows per micro-batch (per rank)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step. The global batch is ``batch_size * grad_accum * world_size`` rows."""
+    """Micro-batches per optimizer step and process. The global batch is ``batch_size * grad_accum * N`` rows for N
+    processes; prefer ``global_batch``, which keeps the global batch fixed whatever N is."""
+    global_batch: int | None = None
+    """Rows per optimizer step over all processes. When set, ``grad_accum`` is derived as
+    ``global_batch / (batch_size * N)``, which must be a whole number; the same global batch then gives the same
+    training for any N."""
     eval_cache: str | None = None
     """A separate cache to evaluate on. Mutually exclusive with ``eval_fraction``."""
     eval_fraction: float = 0.0
@@ -91,6 +100,15 @@ class DataConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.grad_accum < 1:
             problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.global_batch is not None:
+            if self.global_batch < 1:
+                problems.append(f"global_batch must be >= 1, got {self.global_batch}")
+            elif self.grad_accum != 1:
+                problems.append(f"global_batch ({self.global_batch}) and grad_accum ({self.grad_accum}) contradict "
+                                "each other: give one (grad_accum is derived from global_batch)")
+            elif self.global_batch % self.batch_size:
+                problems.append(f"global_batch ({self.global_batch}) must be a multiple of batch_size "
+                                f"({self.batch_size})")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}")
         if self.eval_cache and self.eval_fraction > 0:
@@ -193,6 +211,18 @@ class TrainConfig:
                 f"eval_every ({self.optim.eval_every}) needs an eval set: give --eval-cache DIR or --eval-fraction F"
             )
         return problems
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step and process for ``world_size`` processes (see ``global_batch``)."""
+        d = self.data
+        if d.global_batch is None:
+            return d.grad_accum
+        per_step = d.batch_size * world_size
+        if d.global_batch % per_step:
+            raise ConfigError([f"global_batch ({d.global_batch}) must be a multiple of batch_size x processes "
+                               f"({d.batch_size} x {world_size} = {per_step}): change --global-batch, --batch-size "
+                               "or the number of processes"], "train config")
+        return d.global_batch // per_step
 
     def to_dict(self) -> dict:
         """Grouped, JSON-safe: what is saved to ``OUT/train_config.yaml`` and inside every checkpoint."""

@@ -2,18 +2,21 @@
 
 One optimizer step
 ------------------
-1. Pull ``grad_accum`` micro-batches (the accumulation window) from :class:`~rlkd.trainer.data.TrainStream`.
-2. Count the trained positions of the whole window, ``N_window`` (summed over ranks when distributed).
-3. Per micro-batch: run the student's *base* model (``model.get_decoder()``: embeddings, layers, final norm) to
-   hidden states (B, T, H), keep the trained positions (N, H), and hand them with the LM head's weight to
-   :func:`~rlkd.trainer.chunked.chunked_distill_loss`, which computes the head, the log-softmax and every loss term
-   in chunks of positions, so the (tokens x vocab) logits are never built. It returns the *sum* of each term over
-   the micro-batch's positions; we backpropagate ``sum / N_window``.
+1. Pull the step's window of ``grad_accum x N`` micro-batches from :class:`~rlkd.trainer.data.TrainStream` (N
+   processes; every process reads the same stream and works on its share, see :mod:`rlkd.trainer.distributed`).
+2. Count the trained positions of the whole window, ``N_window``.
+3. Per micro-batch of this process: run the student's *base* model (``model.get_decoder()``: embeddings, layers,
+   final norm) to hidden states (B, T, H), keep the trained positions (N, H), and hand them with the LM head's
+   weight to :func:`~rlkd.trainer.chunked.chunked_distill_loss`, which computes the head, the log-softmax and every
+   loss term in chunks of positions, so the (tokens x vocab) logits are never built. It returns the *sum* of each
+   term over the micro-batch's positions; we backpropagate ``sum / N_window`` (times N, because FSDP and DDP
+   average gradients over processes). Both run inside one ``forward`` of
+   :class:`~rlkd.trainer.student.StudentWithHead`, so sharding frameworks see the head used inside the model.
 4. Clip the gradient norm, AdamW step, schedule step.
 
 Normalisation: the loss of a step is the mean over every trained position of the global batch (all micro-batches
 of the window, all ranks), not a mean of per-micro-batch means. So the gradient does not depend on how the global
-batch is split into micro-batches or ranks, and a short last micro-batch is not over-weighted. The logged ``kd``,
+batch is split into micro-batches or processes, and a short last micro-batch is not over-weighted. The logged ``kd``,
 ``rank``, ``ce`` and ``total`` are those same means, i.e. exactly what was backpropagated.
 
 The teacher is never loaded: its top-k comes from the cache.
@@ -39,11 +42,15 @@ import yaml
 
 from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
 from rlkd.trainer.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from rlkd.config import ConfigError
+from rlkd.trainer import distributed as dist
 from rlkd.trainer.chunked import chunked_distill_loss
 from rlkd.trainer.config import TrainConfig
-from rlkd.trainer.data import TrainStream, load_eval_batches, max_cached_id, to_model_batch
+from rlkd.trainer.data import TrainStream, batch_positions, batch_tokens, load_eval_batches, max_cached_id, \
+    to_model_batch
 from rlkd.trainer.losses import DistillLoss
 from rlkd.trainer.metrics import PeakMetrics
+from rlkd.trainer.student import StudentWithHead
 
 LOGGED_TERMS = ("total", "kd", "rank", "ce", "overlap")
 """Loss terms logged per step (means over the step's trained positions)."""
@@ -61,6 +68,7 @@ class Run:
     out: Path
     device: torch.device
     model: torch.nn.Module
+    """The HF causal LM (its parameters are sharded DTensors under FSDP2)."""
     tokenizer: object
     loss_fn: DistillLoss
     optimizer: torch.optim.Optimizer
@@ -69,12 +77,23 @@ class Run:
     total_steps: int
     eval_reader: CacheReader | None
     step: int = 0
-    rank: int = 0
-    world_size: int = 1
+    ctx: dist.DistContext = field(default_factory=dist.DistContext)
+    student: torch.nn.Module | None = None
+    """What forward and backward run: ``StudentWithHead(model)``, wrapped by FSDP2 or DDP when distributed."""
+    grad_accum: int = 1
+    """Micro-batches per step and process (``data.grad_accum``, or derived from ``data.global_batch``)."""
     eval_batches: list | None = None
     sinks: list = field(default_factory=list)
     last_metrics: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.student is None:
+            self.student = StudentWithHead(self.model)
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
 
 
 def train_student(cfg: TrainConfig) -> dict:
@@ -85,6 +104,7 @@ def train_student(cfg: TrainConfig) -> dict:
         final = save_final(run)
     finally:
         cleanup(run)
+        dist.shutdown()
     return {"final": str(final), "step": run.step, "metrics": run.last_metrics, "eval": run.last_eval}
 
 
@@ -97,8 +117,11 @@ def setup(cfg: TrainConfig) -> Run:
 
     hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars would break our tqdm line
 
-    rank, world_size = _dist_rank_world()
-    device = _pick_device(cfg.run.device)
+    try:
+        ctx, device = dist.init_distributed(cfg.run.device, cfg.run.strategy)
+        grad_accum = cfg.grad_accum_for(ctx.world_size)
+    except (ValueError, ConfigError) as e:
+        raise TrainSetupError(str(e)) from None
     out = Path(cfg.run.out)
     resume_from = resolve_resume(cfg.run.resume, out)
     if resume_from is None and latest_checkpoint(out) is not None:
@@ -118,9 +141,11 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.run.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    student = dist.wrap(StudentWithHead(model), ctx, device)
 
+    # Every process reads the same global stream (rank 0 of 1) and takes its share of each step's window.
     reader = CacheReader(cfg.data.cache, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.run.seed,
-                         rank=rank, world_size=world_size, shuffle_buffer=cfg.data.shuffle_buffer)
+                         shuffle_buffer=cfg.data.shuffle_buffer)
     epochs = int(cfg.optim.epochs) if cfg.optim.epochs is not None else None
     stream = TrainStream(reader, batch_size=cfg.data.batch_size, eval_fraction=cfg.data.eval_fraction,
                          group_by_length=cfg.data.group_by_length, length_group=cfg.data.length_group,
@@ -129,29 +154,37 @@ def setup(cfg: TrainConfig) -> Run:
         total_steps = cfg.optim.max_steps
     else:  # an estimate: the exact count depends on the eval split and grouping, known only after a pass
         rows = reader.num_rows * (1.0 - cfg.data.eval_fraction)
-        total_steps = max(1, math.ceil(rows / (cfg.data.batch_size * cfg.data.grad_accum))) * epochs
+        rows_per_step = cfg.data.batch_size * grad_accum * ctx.world_size
+        total_steps = max(1, math.ceil(rows / rows_per_step)) * epochs
     eval_reader = None
     if cfg.data.eval_cache or cfg.data.eval_fraction > 0:
         eval_reader = CacheReader(cfg.data.eval_cache or cfg.data.cache, batch_size=cfg.data.batch_size,
-                                  shuffle=False, rank=rank, world_size=world_size)
+                                  shuffle=False)
 
     optimizer = _make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer, loss_fn=DistillLoss(cfg.loss),
               optimizer=optimizer, scheduler=scheduler, stream=stream, total_steps=total_steps,
-              eval_reader=eval_reader, rank=rank, world_size=world_size)
+              eval_reader=eval_reader, ctx=ctx, student=student, grad_accum=grad_accum)
 
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
         run.step = int(state["step"])
         stream.load_state_dict(state["data"])
-        _warn_config_changes(state.get("config", {}), cfg.to_dict(), resume_from, rank)
-        _truncate_metrics(out / "metrics.jsonl", run.step)
+        if ctx.rank == 0:
+            _warn_config_changes(state.get("config", {}), cfg.to_dict(), resume_from)
+            _truncate_metrics(out / "metrics.jsonl", run.step)
         _say(run, f"resumed from {resume_from} at step {run.step}")
-    if rank == 0:
+    if ctx.rank == 0:
         (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.sinks = _open_sinks(cfg, out)
+    if ctx.distributed:
+        _say(run, f"{ctx.world_size} processes ({ctx.strategy}, {device.type}), {grad_accum} micro-batch(es) of "
+                  f"{cfg.data.batch_size} rows per process and step: {cfg.data.batch_size * grad_accum * ctx.world_size}"
+                  " rows per step")
+    dist.barrier()  # OUT exists before anyone writes into it
     return run
 
 
@@ -179,20 +212,6 @@ def check_student_fits_cache(cfg: TrainConfig, tokenizer, student_config) -> Non
             raise TrainSetupError(
                 f"the student's config sets {attr}={getattr(student_config, attr)}: the chunked loss applies the LM "
                 "head as a plain linear layer and would train different logits than the model serves")
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainSetupError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
 
 
 def _seed_everything(seed: int) -> None:
@@ -229,11 +248,11 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def _warn_config_changes(saved: dict, now: dict, where: Path, rank: int) -> None:
+def _warn_config_changes(saved: dict, now: dict, where: Path) -> None:
     changed = [f"{sec}.{k}: {saved[sec][k]!r} -> {now[sec][k]!r}"
                for sec in now if sec in saved for k in now[sec]
                if k in saved[sec] and saved[sec][k] != now[sec][k] and k not in ("resume",)]
-    if changed and rank == 0:
+    if changed:
         print(f"warning: resuming {where} with a different config (the run will not match an uninterrupted one): "
               + "; ".join(changed), file=sys.stderr)
 
@@ -295,7 +314,7 @@ def train(run: Run) -> None:
     bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True,
                disable=not cfg.run.progress or run.rank != 0, desc="train")
     while cfg.optim.max_steps is None or run.step < cfg.optim.max_steps:
-        window = [b for _, b in zip(range(cfg.data.grad_accum), batches)]
+        window = [b for _, b in zip(range(run.grad_accum * run.ctx.world_size), batches)]
         if not window:
             break  # the last epoch is over
         record = train_step(run, window)
@@ -323,94 +342,88 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def student_hidden(model: torch.nn.Module, mb) -> torch.Tensor:
-    """(N, H) final hidden states of the student at the trained positions (after the final norm)."""
-    base = model.get_decoder()
-    hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).last_hidden_state
-    return hidden[mb.loss_mask]  # (B, T, H) -> (N, H), row-major like the targets
+def _loss_head(targets, loss_fn: DistillLoss, chunk_size: int):
+    """The ``head_fn`` of :class:`StudentWithHead` for training: LM head + loss in chunks, term sums out."""
+    return lambda hidden, weight, bias: chunked_distill_loss(hidden, weight, targets, loss_fn,
+                                                             chunk_size=chunk_size, lm_head_bias=bias)
 
 
 def train_step(run: Run, window: list[dict]) -> dict:
-    """One optimizer step over an accumulation window; returns the logged record (means over the window)."""
+    """One optimizer step over a window (every process's micro-batches); returns the logged record (means over the
+    window)."""
     t0 = time.perf_counter()
-    model, cfg = run.model, run.cfg
-    mbs = [to_model_batch(b, run.device) for b in window]
-    n_window = _global_sum(sum(mb.positions for mb in mbs), run.device)
-    lm_head = model.get_output_embeddings()
+    cfg, ctx = run.cfg, run.ctx
+    n_window = sum(batch_positions(b) for b in window)  # every process holds the whole window: no collective
+    share = dist.rank_share(len(window), ctx)  # (index, weight 1, or 0 for a padding pass)
     sums = {k: torch.zeros((), device=run.device, dtype=torch.float64) for k in LOGGED_TERMS}
-    for mb in mbs:
-        with _autocast(run.device):
-            hidden = student_hidden(model, mb)  # (N, H)
-            terms = chunked_distill_loss(hidden, lm_head.weight, mb.targets, run.loss_fn,
-                                         chunk_size=cfg.loss.chunk_size, lm_head_bias=lm_head.bias)
-        # Mean over the window's positions on every rank. With DDP, gradients are averaged over ranks, so the
-        # per-rank loss would be scaled by world_size here to keep the global mean; the Scale-out issue wires it.
-        (terms["total"] * (run.world_size / n_window)).backward()
-        for k in LOGGED_TERMS:
-            sums[k] += terms[k].detach().double()
+    for i, (index, w) in enumerate(share):
+        mb = to_model_batch(window[index], run.device)
+        with dist.grad_sync(run.student, ctx, enabled=i == len(share) - 1), _autocast(run.device):
+            terms = run.student(mb, _loss_head(mb.targets, run.loss_fn, cfg.loss.chunk_size))
+        # The window's mean: FSDP/DDP average gradients over the N processes, hence the factor N.
+        (terms["total"] * (w * ctx.world_size / n_window)).backward()
+        if w:
+            for k in LOGGED_TERMS:
+                sums[k] += terms[k].detach().double()
     clip = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # pre-clip norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), clip)  # pre-clip norm
     lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
 
     # .item() calls below are a CPU-GPU sync point, once per step
-    means = {k: (_global_sum_tensor(v) / n_window).item() for k, v in sums.items()}
-    tokens = sum(mb.tokens for mb in mbs)
+    total = dist.all_sum(torch.stack([sums[k] for k in LOGGED_TERMS]))  # (terms,)
+    means = dict(zip(LOGGED_TERMS, (total / n_window).tolist()))
+    tokens = sum(batch_tokens(b) for b in window)
     elapsed = time.perf_counter() - t0
-    return {**means, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "positions": n_window,
-            "tokens_per_s": tokens / elapsed, "positions_per_s": n_window / elapsed, "step_time_s": elapsed}
-
-
-def _global_sum(n: int, device: torch.device) -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([n], device=device)
-        torch.distributed.all_reduce(t)
-        return int(t.item())
-    return n
-
-
-def _global_sum_tensor(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
+    return {**means, "lr": lr, "grad_norm": dist.as_local_scalar(grad_norm), "tokens": tokens,
+            "positions": n_window, "tokens_per_s": tokens / elapsed, "positions_per_s": n_window / elapsed,
+            "step_time_s": elapsed}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict], loss_cfg, device: torch.device) -> dict:
+def evaluate(student: torch.nn.Module, batches: list[dict], loss_cfg, device: torch.device,
+             ctx: dist.DistContext | None = None) -> dict:
     """Sparse KL (forward, with the configured tail), CE, rank loss and the peak metrics over ``batches``.
 
-    The KL here is always the forward sparse KL at temperature 1, whatever the training loss, so runs with
-    different losses compare on one scale.
+    ``student`` is a :class:`StudentWithHead` (wrapped or not). The KL here is always the forward sparse KL at
+    temperature 1, whatever the training loss, so runs with different losses compare on one scale. With several
+    processes each evaluates its share of ``batches`` and the sums are added up.
     """
+    ctx = ctx or dist.DistContext()
     eval_cfg = dataclasses.replace(loss_cfg, kd="forward_kl", kd_weight=1.0, temperature=1.0, dynamic=False)
     loss_fn = DistillLoss(eval_cfg)
-    lm_head = model.get_output_embeddings()
     cache_k = int(batches[0]["topk_ids"].shape[-1]) if batches else 0
     # The paper's CR@{1,2,5} and OR/MOR@{5,10}, limited to what the cache's k can define.
     peaks = PeakMetrics(cr_ks=tuple(k for k in (1, 2, 5) if k <= cache_k),
                         or_ks=tuple(k for k in (5, 10) if k <= cache_k))
-    sums = {"kd": 0.0, "ce": 0.0, "rank": 0.0}
-    n = 0
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        mb = to_model_batch(batch, device)
+    sums = torch.zeros(4, dtype=torch.float64)  # kd, ce, rank, positions
+
+    def eval_head(targets):
+        def head(hidden, weight, bias):  # hidden (N, H)
+            for start in range(0, len(targets), eval_cfg.chunk_size):
+                end = min(start + eval_cfg.chunk_size, len(targets))
+                logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()  # (n, V)
+                tgt = targets.slice(start, end)
+                terms = loss_fn(logits, tgt)
+                peaks.update(logits, tgt.topk_ids, tgt.topk_valid, terms["kd"])
+                sums[:3] += torch.stack([terms[k].double().sum().cpu() for k in ("kd", "ce", "rank")])
+                sums[3] += end - start
+        return head
+
+    was_training = student.training
+    student.eval()
+    for index, w in dist.rank_share(len(batches), ctx):
+        mb = to_model_batch(batches[index], device)
         with _autocast(device):
-            hidden = student_hidden(model, mb)  # (N, H)
-        for start in range(0, mb.positions, eval_cfg.chunk_size):
-            end = min(start + eval_cfg.chunk_size, mb.positions)
-            logits = lm_head(hidden[start:end]).float()  # (n, V): one chunk at a time
-            tgt = mb.targets.slice(start, end)
-            terms = loss_fn(logits, tgt)
-            peaks.update(logits, tgt.topk_ids, tgt.topk_valid, terms["kd"])
-            for k in sums:
-                sums[k] += float(terms[k].double().sum())
-            n += end - start
-    model.train(was_training)
-    result = {f"eval_{k}": v / max(n, 1) for k, v in sums.items()}
+            # A padding pass (w == 0) only keeps the processes' collectives in step.
+            student(mb, eval_head(mb.targets) if w else lambda hidden, weight, bias: None)
+    student.train(was_training)
+    sums = dist.all_sum(sums.to(device)).cpu()
+    peaks.all_reduce(device)
+    n = max(int(sums[3]), 1)
+    result = {f"eval_{k}": float(v) / n for k, v in zip(("kd", "ce", "rank"), sums[:3])}
     result.update({k: v for k, v in peaks.compute().items() if k != "kd"})
     return result
 
@@ -427,7 +440,7 @@ def run_eval(run: Run) -> dict:
             _say(run, "warning: the eval set is empty (eval_fraction too small for this cache?); no evaluation")
     if not run.eval_batches:
         return {}
-    result = evaluate(run.model, run.eval_batches, run.cfg.loss, run.device)
+    result = evaluate(run.student, run.eval_batches, run.cfg.loss, run.device, run.ctx)
     result = {"step": run.step, "split": "eval", **result}
     run.last_eval = result
     _log(run, result)
@@ -437,11 +450,11 @@ def run_eval(run: Run) -> dict:
 
 
 def _save(run: Run) -> None:
-    if run.rank != 0:
-        return
+    # Every process takes part (the state is gathered from the shards); rank 0 writes.
     save_checkpoint(run.out, run.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                     trainer_state={"data": run.stream.state_dict(), "config": run.cfg.to_dict()},
                     keep_last=run.cfg.run.keep_last)
+    dist.barrier()
 
 
 def _log(run: Run, record: dict) -> None:
@@ -461,7 +474,9 @@ def _say(run: Run, message: str) -> None:
 def save_final(run: Run) -> Path:
     """``OUT/final``: the student (safetensors) with its tokenizer, loadable by transformers and vLLM."""
     final = run.out / "final"
+    state = dist.full_model_state(run.model)  # every process takes part; rank 0 gets the whole model
     if run.rank != 0:
+        dist.barrier()
         return final
     tmp = run.out / "final.tmp"
     if tmp.exists():
@@ -470,7 +485,7 @@ def save_final(run: Run) -> Path:
     if run.cfg.run.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.config.use_cache = True  # restore inference defaults in the saved config
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
     run.tokenizer.save_pretrained(str(tmp))
     (tmp / "rlkd_train.json").write_text(json.dumps(
         {"step": run.step, "config": run.cfg.to_dict(), "metrics": run.last_metrics, "eval": run.last_eval},
@@ -478,6 +493,7 @@ def save_final(run: Run) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    dist.barrier()
     return final
 
 

@@ -113,6 +113,25 @@ class PeakMetrics:
             self.kd_sum += float(kd.sum())
             self.kd_count += int(kd.numel())
 
+    def all_reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum the counts over the processes of a distributed run (no-op otherwise), so every process computes the
+        metrics of all positions. Every process must call it, with the same ks."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        hit_keys = [f"cr@{k}" for k in self.cr_ks] + [f"{m}@{k}" for k in self.or_ks for m in ("or", "mor")]
+        el_keys = sorted(self.eligible)
+        counts = [self.positions, self.top1_hits, self.top1_count, self.kd_sum, self.kd_count]
+        counts += [self.hits.get(key, 0.0) for key in hit_keys] + [self.eligible[k] for k in el_keys]
+        t = torch.tensor(counts, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        v = t.tolist()
+        self.positions, self.top1_hits, self.top1_count = int(v[0]), int(v[1]), int(v[2])
+        self.kd_sum, self.kd_count = v[3], int(v[4])
+        self.hits = dict(zip(hit_keys, v[5:5 + len(hit_keys)]))
+        self.eligible = {k: int(x) for k, x in zip(el_keys, v[5 + len(hit_keys):])}
+
     def compute(self) -> dict:
         """``{"cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5", "mor@10", "top1_agreement", "kd", "positions"}``
         (for the default ks) plus ``eligible@k`` counts; rates are None without eligible positions."""
