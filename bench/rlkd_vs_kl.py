@@ -74,7 +74,7 @@ def make_cache(args, data: Path, out: Path, engine: str) -> Path:
     if not cache_done(out):
         rlkd("cache-teacher", "--teacher", str(args.teacher), "--dataset", str(data), "--out", str(out),
              "--top-k", str(args.top_k), "--max-length", str(args.max_length), "--engine", engine,
-             "--dtype", "float32")
+             "--dtype", "float32", *(["--enforce-eager"] if engine == "vllm" else []))
     return out
 
 

@@ -7,7 +7,9 @@ One process, one model, one data set, one machine. Prints tokens/s for
   (c) rlkd cache-teacher end to end with the same engine: formatting, engine, row building, encoding, shards;
   (d) the HF engine (transformers forward, log_softmax, top-k, ranks);
 
-and the ratios c/b (our own overhead; goal >= 0.95) and c / (a * F_last/F_all) (the FLOP ceiling; goal >= 0.90),
+(a), (b) and (c) are timed ``--repeats`` times, interleaved (a b c a b c ...), and each keeps its best run, so a
+burst of load on a shared machine hits one sample rather than one side of a ratio. Then it prints
+the ratios c/b (our own overhead; goal >= 0.95) and c / (a * F_last/F_all) (the FLOP ceiling; goal >= 0.90),
 where F_last/F_all is FLOPs per token with the LM head once per sequence over FLOPs with it at every position,
 from the model config (rlkd.pipeline.engines.lm_head_flop_fraction).
 
@@ -68,6 +70,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--hf-rows", type=int, default=None,
                     help="(d) on the first N sequences only (it is the slow reference) [all]")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (faster start)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="time (a), (b), (c) this many times, interleaved; each figure is the best [%(default)s]")
     ap.add_argument("--profile", action="store_true", help="cProfile the stock prompt_logprobs path (b) once more")
     ap.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -128,15 +132,28 @@ def main(argv=None) -> dict:
 
     res: dict = {"teacher": str(teacher), "dtype": args.dtype, "rows": len(seqs), "tokens": tokens,
                  "top_k": args.top_k, "f_last_over_f_all": frac, "threads": os.environ["OMP_NUM_THREADS"]}
-    _, t_a = _timed(lambda: llm.generate(prompts, prefill, use_tqdm=False))
+    samples: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    for r in range(args.repeats):
+        _, t_a = _timed(lambda: llm.generate(prompts, prefill, use_tqdm=False))
+        samples["a"].append(t_a)
+        print(f"[{r + 1}/{args.repeats}] (a) prefill only          {tokens / t_a:9,.0f} tok/s  ({t_a:.1f} s)",
+              flush=True)
+        _, t_b = _timed(lambda: llm.generate(prompts, stock, use_tqdm=False))
+        samples["b"].append(t_b)
+        print(f"[{r + 1}/{args.repeats}] (b) stock prompt_logprobs {tokens / t_b:9,.0f} tok/s  ({t_b:.1f} s)",
+              flush=True)
+        out = os.path.join(tmp, f"cache-{r}")
+        run_summary, t_c = _timed(lambda: cache_teacher(cfg_for(out), engine=engine, progress=False))
+        assert run_summary["tokens"] == tokens, (run_summary["tokens"], tokens)
+        samples["c"].append(t_c)
+        if t_c <= min(samples["c"]):
+            summary = run_summary
+        print(f"[{r + 1}/{args.repeats}] (c) rlkd cache-teacher    {tokens / t_c:9,.0f} tok/s  ({t_c:.1f} s; "
+              f"engine.score {run_summary['engine_seconds']:.1f} s)", flush=True)
+    t_a, t_b, t_c = (min(samples[x]) for x in "abc")
+    res["samples_s"] = samples
     res["a_prefill_tok_s"] = tokens / t_a
-    print(f"(a) prefill only          {res['a_prefill_tok_s']:9,.0f} tok/s  ({t_a:.1f} s)", flush=True)
-    _, t_b = _timed(lambda: llm.generate(prompts, stock, use_tqdm=False))
     res["b_stock_tok_s"] = tokens / t_b
-    print(f"(b) stock prompt_logprobs {res['b_stock_tok_s']:9,.0f} tok/s  ({t_b:.1f} s)", flush=True)
-    out = os.path.join(tmp, "cache")
-    summary, t_c = _timed(lambda: cache_teacher(cfg_for(out), engine=engine, progress=False))
-    assert summary["tokens"] == tokens, (summary["tokens"], tokens)
     res["c_cache_teacher_tok_s"] = tokens / t_c
     res["c_engine_s"] = summary["engine_seconds"]
     # The scoring loop alone (formatting, engine, rows, encoding, writing), without the one-time set-up (tokenizer
@@ -144,6 +161,9 @@ def main(argv=None) -> dict:
     res["c_loop_tok_s"] = tokens / summary["loop_seconds"]
     res["c_setup_s"] = t_c - summary["loop_seconds"]
     res["c_bytes_per_token"] = summary["bytes_per_token"]
+    print(f"best of {args.repeats}:", flush=True)
+    print(f"(a) prefill only          {res['a_prefill_tok_s']:9,.0f} tok/s  ({t_a:.1f} s)", flush=True)
+    print(f"(b) stock prompt_logprobs {res['b_stock_tok_s']:9,.0f} tok/s  ({t_b:.1f} s)", flush=True)
     print(f"(c) rlkd cache-teacher    {res['c_cache_teacher_tok_s']:9,.0f} tok/s  ({t_c:.1f} s; engine.score "
           f"{summary['engine_seconds']:.1f} s, {summary['bytes_per_token']:.1f} bytes/token)", flush=True)
     print(f"(c') its scoring loop     {res['c_loop_tok_s']:9,.0f} tok/s  (one-time set-up {res['c_setup_s']:.1f} s "

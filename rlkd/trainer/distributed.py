@@ -49,7 +49,7 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.strategy != "none"
 
 
 def launched_world_size() -> int:
@@ -65,7 +65,7 @@ def init_distributed(device_name: str, strategy: str) -> tuple[DistContext, torc
     """
     world = launched_world_size()
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if world == 1:
+    if world == 1 and "LOCAL_RANK" not in os.environ:  # not under torchrun (torchrun with 1 process still shards)
         return DistContext(), _single_device(device_name, use_cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:

@@ -377,9 +377,12 @@ def train_step(run: Run, window: list[dict]) -> dict:
     means = dict(zip(LOGGED_TERMS, (total / n_window).tolist()))
     tokens = sum(batch_tokens(b) for b in window)
     elapsed = time.perf_counter() - t0
-    return {**means, "lr": lr, "grad_norm": dist.as_local_scalar(grad_norm), "tokens": tokens,
-            "positions": n_window, "tokens_per_s": tokens / elapsed, "positions_per_s": n_window / elapsed,
-            "step_time_s": elapsed}
+    record = {**means, "lr": lr, "grad_norm": dist.as_local_scalar(grad_norm), "tokens": tokens,
+              "positions": n_window, "tokens_per_s": tokens / elapsed, "positions_per_s": n_window / elapsed,
+              "step_time_s": elapsed}
+    if run.device.type == "cuda":  # this process's peak so far
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    return record
 
 
 @torch.no_grad()
