@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 from rlkd.cache import CacheWriter, make_row_id, tokenizer_identity
 from rlkd.config import config_to_dict
 from rlkd.pipeline.config import CacheTeacherConfig
+from rlkd.pipeline.overlap import RowWriterThread
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
@@ -190,15 +191,16 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
                 bar = _progress(planned, stats["already_cached"], enabled=progress)
                 batch = [first]
                 t_run = time.perf_counter()
-                for ex in todo:
-                    if len(batch) == cfg.batch_size:
-                        score_and_write(batch, engine, w, cfg, stats)
-                        _tick(bar, counters, stats, t_run, on_batch)
-                        batch = []
-                    batch.append(ex)
-                if batch:
-                    score_and_write(batch, engine, w, cfg, stats)
-                    _tick(bar, counters, stats, t_run, on_batch)
+                with RowWriterThread(w, cfg, stats) as sink:  # rows are written while the next batch is scored
+                    for ex in todo:
+                        if len(batch) == cfg.batch_size:
+                            score_and_write(batch, engine, w, cfg, stats, sink)
+                            _tick(bar, counters, stats, t_run, on_batch)
+                            batch = []
+                        batch.append(ex)
+                    if batch:
+                        score_and_write(batch, engine, w, cfg, stats, sink)
+                _tick(bar, counters, stats, t_run, on_batch)
                 stats["loop_s"] = time.perf_counter() - t_run
                 if bar is not None:
                     bar.n = counters.rows  # rows skipped by the input side count as done too
@@ -245,13 +247,21 @@ def _finished(out: Path) -> dict:
         return {"shards": 0, "rows": 0}
 
 
-def score_and_write(batch: list, engine, w: CacheWriter, cfg: CacheTeacherConfig, stats: dict) -> None:
-    """Score a batch of examples and write their rows; the one row-building path of every stage-1 runner."""
+def score_and_write(batch: list, engine, w: CacheWriter, cfg: CacheTeacherConfig, stats: dict,
+                    sink=None) -> None:
+    """Score a batch of examples and write their rows; the one row-building path of every stage-1 runner.
+
+    With ``sink`` (a :class:`~rlkd.pipeline.overlap.RowWriterThread`), rows are built and written on its thread
+    while the caller goes on to score the next batch.
+    """
     from rlkd.pipeline.rows import build_row
 
     t0 = time.perf_counter()
     scored = engine.score([ex.input_ids for ex in batch])
     stats["engine_s"] += time.perf_counter() - t0
+    if sink is not None:
+        sink.submit(batch, scored)
+        return
     for ex, sc in zip(batch, scored):
         row = build_row(ex, sc, cfg.top_k, cfg.min_prob, cfg.min_k)
         if w.write(row):
