@@ -13,7 +13,13 @@ Definitions printed:
   floor        empirical order-0 entropy of the q8 layout's symbol streams: for each column, (number of symbols) x
                (entropy in bits of that column's empirical symbol distribution) / 8, summed over columns. Columns:
                top-k ids, q8 delta bytes, fp16 top-1 bit patterns, float32 tail/target-logprob bit patterns, target
-               ranks, input ids, loss-mask bits, counts. ratio = B/pos / floor.
+               ranks, input ids, loss-mask bits, counts. ratio = B/pos / floor. It leaves out row_id and
+               source_index (bookkeeping, ~0.15 B/pos) and the Parquet footer/page headers; it counts everything else
+               the format must hold (tail, target log-prob and rank, input ids, loss mask, counts).
+  byteplane    the same floor with the float columns (fp16 top-1, fp32 tail and target log-prob) counted one byte
+               plane at a time: their whole bit patterns are nearly all distinct, so their order-0 entropy is about
+               log2(N) bits per value, a figure that shrinks relative to 32 bits only because the sample is small
+               and that no coder reaches without being given the list of values.
   KL err       mean over positions of KL(p || q) between the renormalised top-k of the exact (float32) log-probs p
                and of the decoded ones q.
   max err      max |decoded - exact| over entries within 15.8 nat of their top-1 (q8 cannot saturate there).
@@ -181,6 +187,58 @@ def floor_bytes(rows: list[TeacherRow]) -> dict:
     return {name: entropy_bytes(s) for name, s in streams.items()}
 
 
+FLOOR_COLUMN = {"topk_ids": "topk_ids", "q8_deltas": "logprob_gaps", "top1_fp16": "top1_logprob",
+                "tail_fp32": "tail_logmass", "target_logprob_fp32": "target_logprob", "target_rank": "target_rank",
+                "input_ids": "input_ids", "loss_mask": "loss_mask", "topk_count": "topk_count"}
+"""Floor stream -> the Parquet column holding it. ``row_id`` and ``source_index`` are bookkeeping the floor omits."""
+
+
+def byte_plane_bytes(values: np.ndarray) -> float:
+    """Order-0 entropy of a fixed-width stream taken one byte plane at a time (what BYTE_STREAM_SPLIT + an order-0
+    coder sees), in bytes."""
+    b = np.ascontiguousarray(values).view(np.uint8).reshape(values.shape[0], values.dtype.itemsize)
+    return sum(entropy_bytes(b[:, j]) for j in range(b.shape[1]))
+
+
+def floor_bytes_split(rows: list[TeacherRow]) -> dict:
+    """:func:`floor_bytes`, but the float columns (fp16 top-1, fp32 tail and target log-prob) counted by byte plane.
+
+    Why: those values are nearly all distinct, so the order-0 entropy of their whole bit patterns is about
+    log2(N) bits each, however many bits they really carry: it grows with the sample and no coder can reach it
+    without being handed the list of values. By byte plane (256 symbols, N >> 256) the estimate is sound.
+    """
+    out = floor_bytes(rows)
+    counts = np.concatenate([r.topk_count for r in rows])
+    top1, _ = encode_q8(np.concatenate([r.topk_logprobs for r in rows]), counts)
+    out["top1_fp16"] = byte_plane_bytes(top1.view(np.uint16))
+    out["tail_fp32"] = byte_plane_bytes(np.concatenate([r.tail_logmass for r in rows]).astype(np.float32))
+    out["target_logprob_fp32"] = byte_plane_bytes(np.concatenate([r.target_logprob for r in rows]).astype(np.float32))
+    return out
+
+
+def print_column_table(cols: dict, floor: dict, floor_split: dict, P: int) -> None:
+    """Where the bytes go: each Parquet column against the floor's share for it (B/position)."""
+    print(f"        {'column':16} {'bytes':>7} {'floor':>7} {'byteplane':>9}")
+    for stream, col in FLOOR_COLUMN.items():
+        print(f"        {col:16} {cols.get(col, 0) / P:7.2f} {floor[stream] / P:7.2f} {floor_split[stream] / P:9.2f}")
+    extra = {c: b for c, b in cols.items() if c not in FLOOR_COLUMN.values() and c != "_file"}
+    for col, b in extra.items():
+        print(f"        {col:16} {b / P:7.2f} {'-':>7} {'-':>9}")
+    print(f"        {'footer+headers':16} {(cols['_file'] - sum(b for c, b in cols.items() if c != '_file')) / P:7.2f}")
+
+
+def adaptive_arithmetic(rows: list[TeacherRow], floor: dict, P: int, goal: float) -> dict:
+    """What an order-0 coder needs per kept entry: bits per id and per q8 delta, and the id cost a goal implies."""
+    n = sum(int(r.topk_count.sum()) for r in rows)
+    deltas = n - P  # one q8 byte per non-top-1 entry
+    other = sum(b for s, b in floor.items() if s not in ("topk_ids", "q8_deltas")) / P
+    return {"entries_per_pos": n / P, "deltas_per_pos": deltas / P, "id_bits": 8 * floor["topk_ids"] / n,
+            "delta_bits": 8 * floor["q8_deltas"] / max(deltas, 1), "other_B": other,
+            "floor_B": sum(floor.values()) / P, "goal_B": goal,
+            "id_bits_needed": 8 * (goal - other - floor["q8_deltas"] / P) * P / n,
+            "id_bits_needed_free_values": 8 * (goal - other) * P / n}
+
+
 def renorm(lp: np.ndarray) -> np.ndarray:
     return lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True)
 
@@ -235,6 +293,7 @@ def column_bytes(cache: Path) -> dict:
                 col = md.row_group(g).column(c)
                 name = col.path_in_schema.split(".")[0]
                 out[name] = out.get(name, 0) + col.total_compressed_size
+        out["_file"] = out.get("_file", 0) + f.stat().st_size
     return out
 
 
@@ -326,6 +385,8 @@ def main(argv=None) -> int:
             rows = rows_at(data, k)
             floor = floor_bytes(rows)
             floor_pp = sum(floor.values()) / P
+            floor_split = floor_bytes_split(rows)
+            split_pp = sum(floor_split.values()) / P
             exact = run_codec(rows, k, "fp32", tmp, meta)
             print(f"k={k}: order-0 entropy floor {floor_pp:.1f} B/pos "
                   f"({', '.join(f'{n} {b / P:.1f}' for n, b in floor.items())})")
@@ -334,13 +395,16 @@ def main(argv=None) -> int:
             for codec in ("q8", "fp16", "fp32"):
                 res = exact if codec == "fp32" else run_codec(rows, k, codec, tmp, meta)
                 err = codec_errors(rows, res.pop("decoded"))
-                res.update(err, floor_B_per_pos=floor_pp, ratio=res["B_per_pos"] / floor_pp)
+                res.update(err, floor_B_per_pos=floor_pp, ratio=res["B_per_pos"] / floor_pp,
+                           floor_byteplane_B_per_pos=split_pp, ratio_byteplane=res["B_per_pos"] / split_pp,
+                           floor_streams_B_per_pos={n: b / P for n, b in floor.items()})
                 print(f"  {codec:5} {res['B_per_pos']:7.1f} {res['ratio']:6.3f} {err['kl']:9.2e} "
                       f"{err['max_err']:8.4f} {res['write_pos_s']:9.0f} {res['decode_pos_s']:9.0f} "
                       f"{res['read_pos_s']:9.0f}")
                 if codec == "q8":
-                    cols = ", ".join(f"{c} {b:.1f}" for c, b in res["columns_B_per_pos"].items())
-                    print(f"        q8 columns (B/pos): {cols}")
+                    print(f"        q8 vs the floor with float columns by byte plane ({split_pp:.1f} B/pos): ratio "
+                          f"{res['ratio_byteplane']:.3f}")
+                    print_column_table({c: b * P for c, b in res["columns_B_per_pos"].items()}, floor, floor_split, P)
                 results["fixed"].append(res)
             print()
 
@@ -353,13 +417,16 @@ def main(argv=None) -> int:
             moved = float(np.mean(np.concatenate([np.exp(a.tail_logmass.astype(np.float64))
                                                   - np.exp(b.tail_logmass.astype(np.float64))
                                                   for a, b in zip(rows, full)])))
-            floor_pp = sum(floor_bytes(rows).values()) / P
+            floor = floor_bytes(rows)
+            floor_pp = sum(floor.values()) / P
+            floor_split = floor_bytes_split(rows)
             res = run_codec(rows, k, "q8", tmp, meta)
             decoded = res.pop("decoded")
             err = codec_errors(rows, decoded)
             res.update(err, bucket_kl=bucket_kl(data, rows, decoded), mean_kept=float(kept.mean()),
                        mass_to_tail=moved, min_prob=min_prob, floor_B_per_pos=floor_pp,
-                       ratio=res["B_per_pos"] / floor_pp)
+                       ratio=res["B_per_pos"] / floor_pp, floor_byteplane_B_per_pos=sum(floor_split.values()) / P,
+                       floor_streams_B_per_pos={n: b / P for n, b in floor.items()})
             results["adaptive"].append(res)
             print(f"adaptive k={k}, min_prob={min_prob:g} (q8): {res['B_per_pos']:.1f} B/pos (floor {floor_pp:.1f}, "
                   f"ratio {res['ratio']:.3f}), keeps {kept.mean():.1f}/{k} entries, moves {moved:.2%} of the mass "
@@ -368,6 +435,15 @@ def main(argv=None) -> int:
                   f"{res['bucket_kl']:.2e}; max err {err['max_err']:.4f}")
             print(f"  write {res['write_pos_s']:.0f} pos/s, decode {res['decode_pos_s']:.0f} pos/s, "
                   f"read (padded batches) {res['read_pos_s']:.0f} pos/s")
+            print_column_table({c: b * P for c, b in res["columns_B_per_pos"].items()}, floor, floor_split, P)
+            arithmetic = adaptive_arithmetic(rows, floor, P, goal=122.0)
+            res["order0_arithmetic"] = arithmetic
+            a = arithmetic
+            print(f"  order-0 arithmetic: {a['entries_per_pos']:.1f} ids x {a['id_bits']:.2f} bits + "
+                  f"{a['deltas_per_pos']:.1f} q8 deltas x {a['delta_bits']:.2f} bits + {a['other_B']:.1f} B of "
+                  f"per-position columns = {a['floor_B']:.1f} B/pos. To reach {a['goal_B']:.0f} B/pos an order-0 coder "
+                  f"would need ids at <= {a['id_bits_needed']:.2f} bits each with these values (<= "
+                  f"{a['id_bits_needed_free_values']:.2f} even if the values cost nothing)")
         print("goal at k=128, min_prob=1e-4: <= 122 B/pos and <= 1.2e-4 KL error (DistillKit: 244 B/pos, 0.012)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

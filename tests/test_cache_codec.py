@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 
 import numpy as np
@@ -181,9 +182,20 @@ def test_encodings_read_back_from_parquet_metadata(tmp_path):
         cols = {md.column(i).path_in_schema: md.column(i) for i in range(md.num_columns)}
         assert all(c.compression == "ZSTD" for c in cols.values())
         bss = {p for p, c in cols.items() if "BYTE_STREAM_SPLIT" in c.encodings}
-        expected = {"topk_ids.list.element", "tail_logmass.list.element", "target_logprob.list.element"}
+        expected = {"topk_ids.list.element", "tail_logmass.list.element", "target_logprob.list.element",
+                    "target_rank.list.element", "input_ids.list.element", "topk_count.list.element"}
         expected |= {"top1_logprob.list.element"} if codec == "q8" else {"topk_logprobs.list.element"}
         assert bss == expected
+        # the manifest records what the file metadata shows
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert set(manifest["storage"]["column_encoding"]) == expected
+        assert manifest["storage"]["compression"] == "zstd"
+        levels = manifest["storage"]["compression_level"]
+        assert set(levels) == set(cols)
+        assert all(levels[p] == 1 for p in cols if p.split(".")[0] in ("topk_logprobs", "logprob_gaps"))
+        assert levels["topk_ids.list.element"] == 3 and levels["target_rank.list.element"] == 15
+        dict_cols = {p for p, c in cols.items() if any("DICTIONARY" in e for e in c.encodings)}
+        assert dict_cols == set(manifest["storage"]["dictionary"]) == set()
         ids = pf.schema.column(list(cols).index("topk_ids.list.element"))
         assert ids.physical_type == "INT32" and "Int(bitWidth=32, isSigned=false)" in str(ids.logical_type)
         if codec == "q8":

@@ -61,6 +61,38 @@ def test_round_trip_each_codec(tmp_path, codec):
     assert verify_cache(tmp_path, deep=True) == []
 
 
+V1_STORAGE = {  # how format-version-1 shards were stored before the storage tuning (zstd-1, fewer encodings)
+    "compression": "zstd", "compression_level": 1, "write_statistics": False, "write_page_checksum": True,
+    "store_schema": True, "use_dictionary": ["topk_count.list.element"],
+    "column_encoding": {f"{n}.list.element": "BYTE_STREAM_SPLIT" for n in ("topk_ids", "tail_logmass", "target_logprob",
+                                                                          "top1_logprob")},
+}
+
+
+def test_caches_stored_the_earlier_way_still_read_and_verify(tmp_path, monkeypatch):
+    """Storage choices (levels, encodings, page size) are not format changes: a cache written with the earlier
+    choices reads back the same rows as one written now, and both pass verify --deep."""
+    import rlkd.cache.writer as writer_mod
+
+    rows = make_rows(20, k=8, seed=3) + make_rows(10, k=8, seed=4, source_offset=50, min_prob=2e-2, min_k=2)
+    write_all(tmp_path / "now", rows, row_group_rows=6)
+    monkeypatch.setattr(writer_mod, "parquet_write_options", lambda codec, level=None: dict(V1_STORAGE))
+    write_all(tmp_path / "then", rows, row_group_rows=6)
+    monkeypatch.undo()
+    md = pq.ParquetFile(next((tmp_path / "then").glob("*.parquet"))).metadata.row_group(0)
+    encodings = {md.column(i).path_in_schema: md.column(i).encodings for i in range(md.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["topk_count.list.element"]  # really the earlier layout
+    assert "BYTE_STREAM_SPLIT" not in encodings["target_rank.list.element"]
+    then = list(CacheReader(tmp_path / "then", shuffle=False).iter_rows())
+    now = list(CacheReader(tmp_path / "now", shuffle=False).iter_rows())
+    assert len(then) == len(now) == len(rows)
+    for a, b, r in zip(then, now, rows):
+        assert_rows_equal(a, b, logprobs=True)  # the same q8 bytes decode the same way
+        assert_rows_equal(a, r, logprobs=False)
+    assert verify_cache(tmp_path / "then", deep=True) == []
+    assert verify_cache(tmp_path / "now", deep=True) == []
+
+
 def test_rotation_row_groups_and_manifest_entries(tmp_path):
     rows = make_rows(60, k=8, seed=3)
     write_all(tmp_path, rows, row_group_rows=10, shard_max_bytes=8_000)

@@ -97,10 +97,19 @@ def q8_cache(tmp_path_factory, tiny_tokenizer_dir):
     return build_cache(tmp_path_factory.mktemp("q8") / "cache", tiny_tokenizer_dir, n_rows=12, k=16, codec="q8")
 
 
-@pytest.mark.parametrize("codec,min_prob", [("q8", None), ("fp32", None), ("fp16", 0.02)])
-def test_summary_matches_brute_force(tmp_path, tiny_tokenizer_dir, codec, min_prob):
+@pytest.mark.parametrize("codec,min_prob,small_chunks", [("q8", None, False), ("fp32", None, False),
+                                                        ("fp16", 0.02, False), ("q8", None, True),
+                                                        ("fp16", 0.02, True)])
+def test_summary_matches_brute_force(tmp_path, tiny_tokenizer_dir, monkeypatch, codec, min_prob, small_chunks):
+    """small_chunks: statistics chunks of 7 positions and q8 decode slabs of 5, so that row groups are cut into
+    many pieces (the paths 1M-position caches take, which these tiny caches otherwise never reach)."""
+    from rlkd.cache import codec as codec_module
+    from rlkd.inspect import stats
     from rlkd.inspect.stats import summary
 
+    if small_chunks:
+        monkeypatch.setattr(stats, "CHUNK_POSITIONS", 7)
+        monkeypatch.setattr(codec_module, "DECODE_SLAB", 5)
     cache, rows = build_cache(tmp_path / "c", tiny_tokenizer_dir, codec=codec, min_prob=min_prob, seed=3)
     from transformers import AutoTokenizer
 
@@ -123,6 +132,16 @@ def test_summary_matches_brute_force(tmp_path, tiny_tokenizer_dir, codec, min_pr
         assert g["positions"] == sel.sum() > 0
         assert g["top1_prob"]["mean"] == pytest.approx(b["top1"][sel].mean(), rel=1e-5)
         assert g["top1_prob"]["p50"] == pytest.approx(np.median(b["top1"][sel]), rel=1e-5)
+        for stat, ref in (("top1_prob", b["top1"][sel]), ("entropy_lower", b["lo"][sel]), ("tail_mass", b["tail"][sel]),
+                          ("target_prob", b["tprob"][sel])):
+            d = g[stat]
+            assert d["std"] == pytest.approx(ref.std(), rel=1e-4, abs=1e-7), stat
+            assert [d["min"], d["p05"], d["p25"], d["p75"], d["max"]] == pytest.approx(
+                [ref.min(), *np.quantile(ref, [0.05, 0.25, 0.75]), ref.max()], rel=1e-5, abs=1e-9), stat
+        # Histogram bins as np.histogram puts the same values (the summary bins arithmetically, not by search).
+        ours = a.top1[a.response == (group == "response")] if group != "all" else a.top1
+        ref_hist = np.histogram(ours.astype(np.float64), np.linspace(0, 1, 21))[0]
+        assert g["top1_prob"]["hist"]["counts"] == ref_hist.tolist()
         assert g["entropy_lower"]["mean"] == pytest.approx(b["lo"][sel].mean(), rel=1e-5)
         assert g["entropy_upper"]["p95"] == pytest.approx(np.quantile(b["hi"][sel], 0.95), rel=1e-4)
         assert g["tail_mass"]["mean"] == pytest.approx(b["tail"][sel].mean(), rel=1e-5, abs=1e-9)
@@ -140,6 +159,80 @@ def test_summary_matches_brute_force(tmp_path, tiny_tokenizer_dir, codec, min_pr
         assert sum(hist.values()) == sel.sum()
     if min_prob is None:  # fixed k=16 >= 1 / 0.1: no dropped token can be a peak
         assert s["stats"]["all"]["peaks"]["undercount_share"] == 0.0
+
+
+def test_quantile_selection_matches_numpy():
+    from rlkd.inspect.stats import QUANTILES, _select_quantiles
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 5, 10, 21, 100, 1001, 20000):
+        for kind in ("uniform", "ties", "sorted", "reversed"):
+            x = rng.random(n).astype(np.float32)
+            if kind == "ties":
+                x = np.round(x * 3).astype(np.float32)
+            elif kind == "sorted":
+                x.sort()
+            elif kind == "reversed":
+                x = np.sort(x)[::-1].copy()
+            for qs in (QUANTILES, (0.5,), (0.95, 0.05)):
+                got = _select_quantiles(x.copy(), qs)
+                np.testing.assert_allclose(got, np.quantile(x.astype(np.float64), qs), rtol=1e-12,
+                                           err_msg=f"{n} {kind}")
+
+
+def test_one_group_empty_and_reading_only_some_columns(q8_cache):
+    """A cache whose positions are all in one group: that group equals "all" and the other is None. And the
+    summary's column subset reads the same per-position values as a full read."""
+    from rlkd.inspect.stats import SUMMARY_COLUMNS, position_arrays, summarize
+
+    cache, rows = q8_cache
+    r = rows[3]
+    for mask, empty in ((np.ones(r.num_positions, bool), "prompt"), (np.zeros(r.num_positions, bool), "response")):
+        a = position_arrays(r.topk_count, r.topk_logprobs, r.tail_logmass, r.target_logprob, r.target_rank, mask,
+                            vocab_size=512)
+        s = summarize(a)
+        full = "response" if empty == "prompt" else "prompt"
+        assert s[empty] is None and s[full] == s["all"] and s["all"]["positions"] == r.num_positions
+    full_blocks = list(CacheReader(cache, shuffle=False).iter_blocks())
+    some = list(CacheReader(cache, shuffle=False).iter_blocks(columns=SUMMARY_COLUMNS))
+    assert len(full_blocks) == len(some) > 1
+    for fb, sb in zip(full_blocks, some):
+        assert sb.input_ids is None and sb.topk_ids is None and sb.row_id is None
+        for key, v in fb.position_columns().items():
+            np.testing.assert_array_equal(sb.position_columns()[key], v, err_msg=key)
+    with pytest.raises(ValueError, match="unknown column"):
+        next(CacheReader(cache, shuffle=False).iter_blocks(columns=["no_such_column"]))
+
+
+def test_parallel_read_keeps_file_order_and_reraises_errors(q8_cache, tmp_path):
+    """The summary's two reader threads hand row groups back in file order; a damaged page in a later row group
+    reaches the caller as CacheCorruptError, and no reader thread outlives the call."""
+    import shutil
+    import threading
+
+    from rlkd.cache import CacheCorruptError
+    from rlkd.inspect.stats import parallel_chunks, summary
+
+    cache, rows = q8_cache
+    for workers in (1, 2, 3):
+        got = [c for c in parallel_chunks(cache, vocab_size=512, threshold=THR, workers=workers)]
+        np.testing.assert_array_equal(np.concatenate([c.target_rank for c in got]),
+                                      np.concatenate([r.target_rank for r in rows]))
+    bad = tmp_path / "bad"
+    shutil.copytree(cache, bad)
+    import pyarrow.parquet as pq
+
+    shard = sorted(bad.glob("*.parquet"))[0]
+    md = pq.ParquetFile(shard).metadata
+    assert md.num_row_groups >= 2
+    rg = md.row_group(md.num_row_groups - 1)  # the last row group: read by a thread after others succeeded
+    col = next(rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema.startswith("tail_logmass"))
+    data = bytearray(shard.read_bytes())
+    data[col.data_page_offset + col.total_compressed_size - 3] ^= 0xFF  # inside a page the summary reads
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match="row group"):
+        summary(bad)
+    assert not [t for t in threading.enumerate() if t.name.startswith("rlkd-inspect")]
 
 
 def test_entropy_bounds_contain_the_true_entropy(tmp_path, tiny_tokenizer_dir):

@@ -8,15 +8,19 @@ column              Arrow type            holds
 ==================  ====================  =====================================================================
 row_id              string                :func:`~rlkd.cache.schema.make_row_id`
 source_index        int64                 index of the example in the source dataset
-input_ids           list<int32>           (T,) tokens
+input_ids           list<int32>           (T,) tokens; BYTE_STREAM_SPLIT
 loss_mask           list<bool>            (P,)
-topk_count          list<uint16>          (P,) entries kept per position (adaptive k; == k otherwise)
+topk_count          list<uint16>          (P,) entries kept per position (adaptive k; == k otherwise); BSS
 topk_ids            list<uint32>          (n,) teacher ids in rank order; BYTE_STREAM_SPLIT on the leaf
 *codec columns*                           the log-probabilities, see below
 tail_logmass        list<float32>         (P,) exact ``log(1 - sum p_topk)``; BYTE_STREAM_SPLIT
 target_logprob      list<float32>         (P,) teacher log-prob of ``input_ids[t+1]``; BYTE_STREAM_SPLIT
-target_rank         list<int32>           (P,) its 1-based rank over the whole vocabulary
+target_rank         list<int32>           (P,) its 1-based rank over the whole vocabulary; BYTE_STREAM_SPLIT
 ==================  ====================  =====================================================================
+
+Storage (zstd levels per column, page size, encodings: :func:`parquet_write_options`) is recorded in the manifest's
+``storage`` entry; it is not part of the format: any Parquet reader (pyarrow >= 16) reads every choice, so caches
+written with other levels or encodings read the same.
 
 Codecs (the manifest records which one a cache uses):
 
@@ -138,6 +142,10 @@ def _encode_q8_grid(lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top1, codes.reshape(-1)
 
 
+DECODE_SLAB = 32768
+"""Positions per slab of the fixed-k q8 decode (a (slab, k) uint32 grid stays in L2/L3)."""
+
+
 def decode_q8(top1: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Inverse of :func:`encode_q8`: flat float32 log-probs (n,). Vectorised over every position at once."""
     counts = np.asarray(counts)
@@ -147,11 +155,18 @@ def decode_q8(top1: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.nda
         return np.zeros(0, dtype=np.float32)
     k = int(counts[0])
     if n == P * k and (counts == k).all():
-        # Fixed k (the common case): a (P, k) grid, cumsum along rank.
-        c = np.zeros((P, k), dtype=np.uint32)
-        c[:, 1:] = codes.reshape(P, k - 1)
-        out = top1.astype(np.float32)[:, None] - np.cumsum(c, axis=1, dtype=np.uint32).astype(np.float32) * np.float32(Q8_STEP)
-        out[c == Q8_NEG_INF] = -np.inf
+        # Fixed k (the common case): a (P, k) grid, cumsum along rank. Slabs of rows keep the temporaries in the
+        # CPU cache: 2x faster than one pass over a whole row group (measured at k=20, 130k positions).
+        out = np.empty((P, k), dtype=np.float32)
+        grid = codes.reshape(P, k - 1)
+        for s in range(0, P, DECODE_SLAB):
+            e = min(P, s + DECODE_SLAB)
+            c = np.zeros((e - s, k), dtype=np.uint32)
+            c[:, 1:] = grid[s:e]
+            o = out[s:e]
+            g = np.cumsum(c, axis=1, dtype=np.uint32).astype(np.float32)  # (slab, k) gap sums
+            o[...] = top1[s:e].astype(np.float32)[:, None] - g * np.float32(Q8_STEP)
+            o[c == Q8_NEG_INF] = -np.inf
         return out.reshape(-1)
     starts = _starts(counts)
     c = np.zeros(n, dtype=np.uint32)
@@ -225,31 +240,81 @@ def arrow_schema(codec: str, k: int) -> pa.Schema:
     return pa.schema([pa.field(name, typ, nullable=False) for name, typ in fields], metadata=meta)
 
 
-BYTE_STREAM_SPLIT_COLUMNS = ("topk_ids", "tail_logmass", "target_logprob", "topk_logprobs", "top1_logprob")
-"""List columns whose leaf gets BYTE_STREAM_SPLIT: ids and floats, whose high bytes compress well once split."""
-DICTIONARY_COLUMNS = ("topk_count",)
-"""Columns where a dictionary beats plain encoding + zstd (measured on SmolLM2 top-k of Dolly: only the counts)."""
+BYTE_STREAM_SPLIT_COLUMNS = ("topk_ids", "tail_logmass", "target_logprob", "topk_logprobs", "top1_logprob",
+                             "target_rank", "input_ids", "topk_count")
+"""List columns whose leaf gets BYTE_STREAM_SPLIT: ids, ranks, counts and floats, whose high bytes compress well once
+split. Measured on SmolLM2 top-k of Dolly (zstd-1, B/position): ``target_rank`` 0.89 -> 0.63 and ``input_ids`` 1.40 ->
+1.31 at k=20; adaptive ``topk_count`` at k=128 0.56 (dictionary) -> 0.48 (0.69 plain; DELTA_BINARY_PACKED makes all
+three larger). Readers need pyarrow >= 16 for BYTE_STREAM_SPLIT on integer columns."""
+DICTIONARY_COLUMNS: tuple[str, ...] = ()
+"""Columns that get a dictionary: none. The last one, ``topk_count``, does better with BYTE_STREAM_SPLIT."""
 ZSTD_LEVEL = 1
-"""zstd level: on SmolLM2 top-k of Dolly, level 1 is both faster and ~1% smaller than 3 (47.1 -> 46.8 B/position
-at k=20); 19 saves another 2% at 40x the write time."""
+"""zstd level of the per-entry log-probability columns (q8 gap bytes, fp16/fp32 values). On SmolLM2 top-k of Dolly
+(200 rows) the q8 gap bytes get *larger* above level 1: 7.97 B/position at 1, 8.66 at 3, 8.39 at 15 (k=20)."""
+IDS_ZSTD_LEVEL = 3
+"""zstd level of ``topk_ids``, the largest column. Same data, B/position at levels 1/2/3/9: k=20 27.98/27.90/27.90/
+27.72; k=64 95.0/94.7/94.3/94.8; adaptive k=128 138.1/136.2/135.6/135.9. Level 15 saves 1% more at k=20 at 1/20 of
+the speed."""
+SMALL_ZSTD_LEVEL = 15
+"""zstd level of the per-row and per-position columns (input ids, masks, counts, tail, target log-prob and rank,
+fp16 top-1): a few bytes per position, so a slow level costs little time and saves ~0.5 B/position (45.84 -> 45.30
+B/position at k=20: input_ids 1.33 -> 1.23, top1 1.60 -> 1.50, tail 2.92 -> 2.83, target_logprob 3.16 -> 3.00,
+target_rank 0.63 -> 0.55). Levels above 15 gain nothing more here."""
+LOGPROB_COLUMNS = ("topk_logprobs", "logprob_gaps")
+"""Per-entry log-probability columns, compressed at :data:`ZSTD_LEVEL`."""
+DATA_PAGE_SIZE = 64 << 20
+"""Target Parquet data page size. zstd compresses each page on its own, so pages as large as the column chunk (a row
+group is at most ``row_group_bytes`` raw) give it the whole chunk as context: ids 28.16 -> 27.98 B/position at k=20
+versus the 1 MiB default (and 30.96 with 64 KiB pages). Readers read whole row groups anyway."""
 
 
-def parquet_write_options(codec: str) -> dict:
-    """Keyword arguments for ``pq.ParquetWriter``. Encodings are set on the *leaf* path (``col.list.element``):
-    pyarrow silently ignores them when given the top-level name of a list column."""
+def _leaf_paths(codec: str) -> dict[str, str]:
+    """Column name -> the Parquet leaf path that encodings and levels must be given for."""
     names = arrow_schema(codec, 1).names
-    leaf = {n: f"{n}.list.element" for n in names}
-    leaf.update({"row_id": "row_id", "source_index": "source_index", "logprob_gaps": "logprob_gaps"})
+    flat = ("row_id", "source_index", "logprob_gaps")  # not list columns: the leaf is the column
+    return {n: n if n in flat else f"{n}.list.element" for n in names}
+
+
+def parquet_write_options(codec: str, compression_level: int | None = None) -> dict:
+    """Keyword arguments for ``pq.ParquetWriter``. Encodings are set on the *leaf* path (``col.list.element``):
+    pyarrow silently ignores them when given the top-level name of a list column.
+
+    ``compression_level`` (one zstd level for every column) replaces the per-column defaults:
+    :data:`IDS_ZSTD_LEVEL` for the ids, :data:`ZSTD_LEVEL` for log-probability values, :data:`SMALL_ZSTD_LEVEL` for
+    the per-row and per-position columns.
+    """
+    leaf = _leaf_paths(codec)
+    if compression_level is None:
+        levels = {p: IDS_ZSTD_LEVEL if n == "topk_ids" else ZSTD_LEVEL if n in LOGPROB_COLUMNS else SMALL_ZSTD_LEVEL
+                  for n, p in leaf.items()}
+    else:
+        levels = {p: int(compression_level) for p in leaf.values()}
     return {
         "compression": "zstd",
-        "compression_level": ZSTD_LEVEL,
-        "use_dictionary": [leaf[n] for n in DICTIONARY_COLUMNS],
-        "column_encoding": {leaf[n]: "BYTE_STREAM_SPLIT" for n in BYTE_STREAM_SPLIT_COLUMNS if n in names},
+        "compression_level": levels,
+        "use_dictionary": [leaf[n] for n in DICTIONARY_COLUMNS] or False,
+        "column_encoding": {leaf[n]: "BYTE_STREAM_SPLIT" for n in BYTE_STREAM_SPLIT_COLUMNS if n in leaf},
+        "data_page_size": DATA_PAGE_SIZE,
         # Statistics are useless here and are bytes no checksum covers; page CRCs let a reader catch flipped bytes.
         "write_statistics": False,
         "write_page_checksum": True,
         "store_schema": True,
     }
+
+
+def storage_summary(options: dict) -> dict:
+    """What the manifest records about how shards are stored (``options`` from :func:`parquet_write_options`).
+
+    Any Parquet reader decodes any of these choices, so they are not part of the cache identity: a cache resumed
+    with another zstd level stays one cache, and the manifest records the latest writer's choices.
+    """
+    level = options["compression_level"]
+    return {"compression": options["compression"],
+            "compression_level": dict(sorted(level.items())) if isinstance(level, dict) else int(level),
+            "column_encoding": dict(sorted(options["column_encoding"].items())),
+            "dictionary": sorted(options["use_dictionary"] or []),
+            "data_page_size": int(options.get("data_page_size", 1 << 20)),
+            "page_checksum": bool(options["write_page_checksum"])}
 
 
 def _list_array(values: np.ndarray, lengths: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -311,32 +376,43 @@ def _binary_parts(col) -> tuple[np.ndarray, np.ndarray]:
 
 
 class DecodedBlock:
-    """A decoded row group: flat per-column numpy arrays plus per-row offsets. Rows are cut out lazily."""
+    """A decoded row group: flat per-column numpy arrays plus per-row offsets. Rows are cut out lazily.
+
+    ``table`` may hold only some columns (``CacheReader.iter_blocks(columns=...)``): ``loss_mask``, ``topk_count``
+    and the codec's log-prob columns are required; the attributes of absent columns are None (and :meth:`row`
+    needs all of them).
+    """
 
     def __init__(self, table: pa.Table, codec: str):
+        names = set(table.column_names)
+
+        def parts(name):
+            return _list_parts(table.column(name)) if name in names else (None, None)
+
         self.num_rows = table.num_rows
-        self.row_id = table.column("row_id").to_pylist()
-        self.source_index = table.column("source_index").to_numpy()
-        self.tok_off, self.input_ids = _list_parts(table.column("input_ids"))
+        self.row_id = table.column("row_id").to_pylist() if "row_id" in names else None
+        self.source_index = table.column("source_index").to_numpy() if "source_index" in names else None
+        self.tok_off, self.input_ids = parts("input_ids")
         self.pos_off, self.loss_mask = _list_parts(table.column("loss_mask"))
         _, counts16 = _list_parts(table.column("topk_count"))
         self.counts = counts16.astype(np.int32)  # uint16 on disk; int32 like TeacherRow says
-        self.ent_off, ids = _list_parts(table.column("topk_ids"))
-        self.topk_ids = ids.view(np.int32)  # ids < 2^31: same bits
-        _, self.tail = _list_parts(table.column("tail_logmass"))
-        _, self.target_logprob = _list_parts(table.column("target_logprob"))
-        _, self.target_rank = _list_parts(table.column("target_rank"))
+        self.ent_off, ids = parts("topk_ids")
+        self.topk_ids = ids.view(np.int32) if ids is not None else None  # ids < 2^31: same bits
+        _, self.tail = parts("tail_logmass")
+        _, self.target_logprob = parts("target_logprob")
+        _, self.target_rank = parts("target_rank")
         # Positions and entries of all rows are contiguous and in order, so the codec decodes them in one go.
         p0, p1 = self.pos_off[0], self.pos_off[-1]
-        e0 = self.ent_off[0]
         counts = self.counts[p0:p1]
         if codec == "q8":
+            e0 = self.ent_off[0] if self.ent_off is not None else 0
             _, top1 = _list_parts(table.column("top1_logprob"))
             g_off, gaps = _binary_parts(table.column("logprob_gaps"))
             cols = {"top1_logprob": top1[p0:p1], "logprob_gaps": gaps[g_off[0]:g_off[-1]]}
         else:
-            _, vals = _list_parts(table.column("topk_logprobs"))
-            cols = {"topk_logprobs": vals[e0:self.ent_off[-1]]}
+            e_off, vals = _list_parts(table.column("topk_logprobs"))  # same offsets as topk_ids
+            e0 = e_off[0]
+            cols = {"topk_logprobs": vals[e0:e_off[-1]]}
         self.topk_logprobs = decode_logprobs(codec, cols, counts)  # indexed from e0
         self._e0 = e0
 

@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from rlkd.cache.codec import DecodedBlock, arrow_schema
+from rlkd.cache.codec import CODEC_COLUMNS, DecodedBlock, arrow_schema
 from rlkd.cache.manifest import CacheCorruptError, read_manifest
 from rlkd.cache.schema import CODECS, FORMAT_VERSION, TeacherRow
 
@@ -134,10 +134,10 @@ class _Shards:
             self._open.popitem(last=False)
         return pf
 
-    def read(self, i: int, rg: int) -> DecodedBlock:
+    def read(self, i: int, rg: int, columns: list[str] | None = None) -> DecodedBlock:
         e = self.entries[i]
         try:
-            table = self.file(i).read_row_group(rg, use_threads=False)
+            table = self.file(i).read_row_group(rg, columns=columns, use_threads=False)
             return DecodedBlock(table, self.codec)
         except CacheCorruptError:
             raise
@@ -443,12 +443,30 @@ class CacheReader:
             if not self.drop_last:
                 yield collate(batch, self.k)
 
-    def iter_blocks(self) -> Iterator[DecodedBlock]:
+    def iter_blocks(self, columns=None, *, part: tuple[int, int] = (0, 1)) -> Iterator[DecodedBlock]:
         """Every row group of the cache (all ranks), decoded, in file order: flat columns for whole-cache tools
-        (``rlkd inspect``) that would otherwise pay a Python object per row."""
-        for i in range(len(self._shards.entries)):
-            for j in range(len(self._shards.row_group_rows(i))):
-                yield self._shards.read(i, j)
+        (``rlkd inspect``) that would otherwise pay a Python object per row.
+
+        ``columns``: read only these columns (names of :class:`TeacherRow` fields; Parquet skips the others'
+        pages) besides the ones decoding needs (``loss_mask``, ``topk_count``, the codec's log-prob columns); the
+        block's attributes of the others are None. Default: every column.
+        ``part=(i, n)``: only row groups ``i, i + n, i + 2n, ...`` of the file-order list, so that ``n`` readers
+        (threads, each with its own CacheReader) can split a pass.
+        """
+        wanted = None
+        if columns is not None:
+            names = arrow_schema(self.codec, self.k).names
+            base = ["loss_mask", "topk_count"] + [n for n in names if n in CODEC_COLUMNS[self.codec]]
+            unknown = sorted(set(columns) - set(names) - {"topk_logprobs"})
+            if unknown:
+                raise ValueError(f"iter_blocks(columns=...): unknown column(s) {unknown}; the cache has {names}")
+            wanted = [n for n in names if n in base or n in columns]
+        first, step = part
+        if not 0 <= first < step:
+            raise ValueError(f"iter_blocks(part=({first}, {step})): need 0 <= i < n")
+        for u, (i, j, _) in enumerate(self._units.tolist()):
+            if u % step == first:
+                yield self._shards.read(i, j, wanted)
 
     def iter_rows(self) -> Iterator[TeacherRow]:
         """Every row of the cache (all ranks), decoded and unpadded, in file order, without shuffling."""

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlkd.cache.codec import arrow_schema, parquet_write_options, rows_to_table
+from rlkd.cache.codec import arrow_schema, parquet_write_options, rows_to_table, storage_summary
 from rlkd.cache.manifest import (
     CacheCorruptError,
     CacheLockedError,
@@ -44,7 +44,7 @@ from rlkd.cache.schema import CODECS, FORMAT_VERSION, MAX_K, TeacherRow, row_pro
 
 LOCK_NAME = "writer.lock"
 _RESERVED = ("format_version", "complete", "k", "codec", "rows", "positions", "tokens", "bytes", "shards",
-             "created", "updated")
+             "created", "updated", "storage")
 
 
 def _now() -> str:
@@ -90,7 +90,8 @@ class CacheWriter:
         name_prefix: shard file prefix (``PREFIX-00000.parquet``); give each worker its own when several write into
             sibling folders that are merged later.
         row_group_bytes: also close a row group once its rows hold about this many raw bytes (long sequences).
-        compression_level: zstd level (default :data:`rlkd.cache.codec.ZSTD_LEVEL`).
+        compression_level: one zstd level for every column (default: per column, see
+            :func:`rlkd.cache.codec.parquet_write_options`).
     """
 
     def __init__(self, out_dir, meta: dict, *, k: int, codec: str = "q8", shard_max_bytes: int = 64 << 20,
@@ -127,9 +128,7 @@ class CacheWriter:
         self.row_group_bytes = int(row_group_bytes)
         self.name_prefix = name_prefix
         self._schema = arrow_schema(codec, self.k)
-        self._pq_options = parquet_write_options(codec)
-        if compression_level is not None:
-            self._pq_options["compression_level"] = int(compression_level)
+        self._pq_options = parquet_write_options(codec, compression_level)
         self._lock_fd: int | None = None
         self._pq_writer: pq.ParquetWriter | None = None
         self._sink = None
@@ -195,6 +194,9 @@ class CacheWriter:
             manifest = {**new_identity, "complete": False, "rows": 0, "positions": 0, "tokens": 0, "bytes": 0,
                         "shards": [], "created": _now()}
         manifest["complete"] = False
+        # How this session stores shards (zstd levels, encodings). Informational: any Parquet reader reads any of
+        # these, so a resumed cache may mix levels; this records the latest writer's.
+        manifest["storage"] = storage_summary(self._pq_options)
         self.manifest = manifest
         self._vocab = vocab_limit(manifest)
         self._ids: set[str] = set()
