@@ -1,9 +1,11 @@
 """Peak memory and time of one loss step (LM head + loss, forward and backward): naive full logits vs chunked.
 
-Each variant runs in its own subprocess; the figure is the growth of the process's peak RSS (ru_maxrss) during
-the step, measured after the inputs (hidden states, LM-head weight, teacher targets) exist. CPU only, float32.
+Each variant runs in its own subprocess. The figure is the peak of live tensor bytes during the step above the inputs
+(hidden states, LM-head weight, teacher targets), counted by ``stage2.LiveTensorBytes`` (CPU's counterpart of
+``torch.cuda.max_memory_allocated``); the growth of the process's peak RSS is reported beside it, but glibc keeps
+freed heap, so it varies from run to run. CPU only, float32.
 
-    python bench/loss_memory.py --positions 4096 --vocab 49152 --hidden 576 --chunk-size 1024
+    python bench/loss_memory.py --positions 4096 --vocab 49152 --hidden 576 --chunk-size 256
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def run_one(variant: str, n: int, vocab: int, hid: int, k: int, chunk: int) -> d
 
     from rlkd.trainer.chunked import chunked_distill_loss
     from rlkd.trainer.losses import DistillLoss, LossConfig, TeacherTargets
+    from stage2 import LiveTensorBytes  # bench/ is this script's directory, first on sys.path
 
     torch.manual_seed(0)
     h = torch.randn(n, hid).requires_grad_()
@@ -40,18 +43,23 @@ def run_one(variant: str, n: int, vocab: int, hid: int, k: int, chunk: int) -> d
         loss = DistillLoss(LossConfig(kd="none", rank_weight=0.0, ce_weight=1.0))
     else:
         loss = DistillLoss(LossConfig())  # forward KL with tail bucket + 2 * rank, k_r = 5
+    meter = LiveTensorBytes()
+    meter.track(h, w, *(v for v in vars(tg).values() if torch.is_tensor(v)))
+    inputs = meter.current
     before = _maxrss_mb()
     t0 = time.perf_counter()
-    if variant == "naive_ce":
-        F.cross_entropy(h @ w.t(), tg.target_ids, reduction="sum").backward()
-    elif variant.startswith("naive"):
-        loss(h @ w.t(), tg)["total"].sum().backward()
-    else:
-        eager = variant.endswith("_eager")  # gradient computed during forward, no recomputation
-        chunked_distill_loss(h, w, tg, loss, chunk_size=chunk, grad_in_forward=eager)["total"].backward()
+    with meter.mode:
+        if variant == "naive_ce":
+            F.cross_entropy(h @ w.t(), tg.target_ids, reduction="sum").backward()
+        elif variant.startswith("naive"):
+            loss(h @ w.t(), tg)["total"].sum().backward()
+        else:
+            eager = variant.endswith("_eager")  # gradient computed during forward, no recomputation
+            chunked_distill_loss(h, w, tg, loss, chunk_size=chunk, grad_in_forward=eager)["total"].backward()
     seconds = time.perf_counter() - t0
-    return {"variant": variant, "peak_growth_mb": round(_maxrss_mb() - before, 1), "seconds": round(seconds, 2),
-            "inputs_mb": round(before, 1)}
+    return {"variant": variant, "peak_growth_mb": round((meter.peak - inputs) / 2**20, 1),
+            "peak_op": meter.peak_op, "rss_growth_mb": round(_maxrss_mb() - before, 1),
+            "seconds": round(seconds, 2), "inputs_mb": round(inputs / 2**20, 1)}
 
 
 def main() -> None:
@@ -60,7 +68,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--k", type=int, default=20)
-    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:

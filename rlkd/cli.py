@@ -186,7 +186,7 @@ def _stage2_bool(name: str, help: str):
 @click.option("--ce-weight", type=float, help="Weight of cross-entropy on the real next token (default 0).")
 @click.option("--temperature", type=float, help="Distillation temperature (default 1).")
 @_stage2_bool("dynamic", "Weight kd per position by the top-k_r overlap.")
-@click.option("--chunk-size", type=int, help="Positions per LM-head/loss chunk (default 1024).")
+@click.option("--chunk-size", type=int, help="Positions per LM-head/loss chunk (default 256).")
 @click.option("--max-steps", type=int, help="Optimizer steps to train (or --epochs).")
 @click.option("--epochs", type=float, help="Whole passes over the cache (or --max-steps).")
 @click.option("--batch-size", type=int, help="Rows per micro-batch (default 8).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlkd.trainer.chunked import chunked_distill_loss
@@ -148,3 +149,47 @@ def test_grad_in_forward_matches_recompute():
     with torch.no_grad():
         ev = chunked_distill_loss(h, w, tg, loss, chunk_size=16, lm_head_bias=b, grad_in_forward=True)
     assert torch.allclose(ev["total"], ref["total"], rtol=1e-5)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storage made by ops while active (a storage counts until freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.current, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, nbytes) in list(self.refs.items()):
+            if ref.expired():
+                del self.refs[key]
+                self.current -= nbytes
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st.nbytes() and st._cdata not in self.refs:
+                    self.refs[st._cdata] = (StorageWeakRef(st), st.nbytes())
+                    self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_peak_memory_bounded_by_chunk(chunk):
+    """Peak live bytes: at most three float32 (chunk, V) buffers (recomputed logits, the exp the loss saves, their
+    gradient) plus the (V, H) and (N, H) gradients and a few (N, k) index tensors; the naive loss holds at least two
+    (N, V)."""
+    n, vocab, hid, k = 512, 3000, 8, 8
+    gen = torch.Generator().manual_seed(10)
+    h = torch.randn(n, hid, generator=gen).requires_grad_()
+    w = torch.randn(vocab, hid, generator=gen).requires_grad_()
+    tg = make_targets(n, vocab, k, seed=11, dtype=torch.float32)
+    loss = DistillLoss(LossConfig(ce_weight=0.1))
+    with _LiveBytes() as mode:
+        chunked_distill_loss(h, w, tg, loss, chunk_size=chunk)["total"].backward()
+    f32 = 4
+    bound = 3 * chunk * (vocab + 1) * f32 + (vocab + n) * hid * f32 + 8 * n * k * 8  # + eight int64 (N, k)
+    assert mode.peak <= bound, (mode.peak, bound)
+    with _LiveBytes() as naive:
+        unchunked(h, w, None, tg, loss)["total"].backward()
+    assert naive.peak >= 2 * n * vocab * f32 > bound  # the check above can fail

@@ -8,7 +8,11 @@ the LM-head weight and bias. The same idea as Liger-Kernel's fused linear losses
 which computes the gradient during forward instead of recomputing) and Apple's Cut Cross-Entropy (Wijmans et al.
 2024, arXiv 2411.09009), in plain PyTorch so it runs on CPU too.
 
-Peak extra memory is a few (chunk_size x V) tensors plus one float32 (V x H) gradient accumulator.
+Peak extra memory is three float32 (chunk_size x V) tensors at once (in backward: the recomputed logits, the
+``exp`` the loss saves from them, and their gradient) plus the float32 (V x H) and (N x H) gradients; nothing grows
+with N x V (``tests/test_chunked.py`` checks the bound). At V = 49,152 one (1024 x V) float32 tensor is 201 MB, so
+chunk 1024 adds ~0.6 GB and chunk 256 ~0.15 GB; the loss time hardly changes between them on CPU. For a whole step the
+student's layer activations are the larger share unless gradient checkpointing is on (``bench/stage2.py``).
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ class _EagerChunkedDistill(torch.autograd.Function):
 
 
 def chunked_distill_loss(hidden: Tensor, lm_head_weight: Tensor, targets: TeacherTargets, loss: DistillLoss,
-                         chunk_size: int = 1024, lm_head_bias: Tensor | None = None, *,
+                         chunk_size: int = 256, lm_head_bias: Tensor | None = None, *,
                          grad_in_forward: bool = False) -> dict[str, Tensor]:
     """Sums over positions of every term of ``loss(hidden @ lm_head_weight.T + lm_head_bias, targets)``.
 

@@ -144,7 +144,7 @@ class LossConfig:
     """Weight of cross-entropy on the real next token (0 in the paper; always computed and logged)."""
     temperature: float = 1.0
     """Distillation temperature for the kd term (see the module docstring for the tail approximation)."""
-    chunk_size: int = 1024
+    chunk_size: int = 256
     """Positions per chunk of the LM head + loss; bounds the (chunk, vocab) logits kept at once."""
 
     def validate(self) -> list[str]:
