@@ -153,6 +153,7 @@ def test_shards_merged_equal_unsharded(tiny_teacher_dir, dolly, hf_engine, tmp_p
     assert m["complete"] and all(s["file"].startswith(("part-0/", "part-1/")) for s in m["shards"])
     assert not list(merged.glob("*.parquet"))  # nothing copied: the manifest points into the parts
     assert verify_cache(merged, deep=True) == []
+    assert m["max_token_id"] == read_manifest(tmp_path / "full")["max_token_id"]
     full, parts = _rows(tmp_path / "full"), _rows(merged)
     assert len(parts) == m["rows"] == len(full)
     _assert_same_rows(parts, full)

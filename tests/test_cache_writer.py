@@ -111,6 +111,10 @@ def test_rotation_row_groups_and_manifest_entries(tmp_path):
         assert all(n <= 10 for n in e["row_group_rows"])
         lens = pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist()
         assert e["positions"] == sum(len(x) - 1 for x in lens) and e["tokens"] == sum(len(x) for x in lens)
+        ids = pq.read_table(path, columns=["input_ids", "topk_ids"]).to_pylist()
+        assert e["max_token_id"] == max(max(r["input_ids"] + r["topk_ids"]) for r in ids)
+    # the largest id of the whole cache, so stage 2 can check a student's vocabulary without a scan
+    assert m["max_token_id"] == max(int(max(r.input_ids.max(), r.topk_ids.max())) for r in rows)
     assert sorted(read_ids(tmp_path)) == sorted(r.row_id for r in rows)
     assert not list(tmp_path.glob("*.tmp"))
 

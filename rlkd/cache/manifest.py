@@ -140,3 +140,13 @@ def vocab_limit(manifest: dict) -> int | None:
     ]
     sizes = [int(s) for s in sizes if isinstance(s, (int, float)) and s > 0]
     return max(sizes) if sizes else None
+
+
+def set_max_token_id(manifest: dict) -> None:
+    """``max_token_id``: the largest id in any shard's ``input_ids`` or ``topk_ids``, when every shard entry records
+    it (caches written before it was recorded leave it out, and readers scan instead)."""
+    values = [s.get("max_token_id") for s in manifest.get("shards", [])]
+    if values and all(isinstance(v, int) for v in values):
+        manifest["max_token_id"] = max(values)
+    else:
+        manifest.pop("max_token_id", None)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlkd.cache.codec import arrow_schema, parquet_write_options, rows_to_table, storage_summary
@@ -37,6 +38,7 @@ from rlkd.cache.manifest import (
     identity_differences,
     manifest_path,
     read_manifest,
+    set_max_token_id,
     vocab_limit,
     write_manifest,
 )
@@ -44,7 +46,7 @@ from rlkd.cache.schema import CODECS, FORMAT_VERSION, MAX_K, TeacherRow, row_pro
 
 LOCK_NAME = "writer.lock"
 _RESERVED = ("format_version", "complete", "k", "codec", "rows", "positions", "tokens", "bytes", "shards",
-             "created", "updated", "storage")
+             "created", "updated", "storage", "max_token_id")
 
 
 def _now() -> str:
@@ -64,10 +66,13 @@ def shard_summary(path: Path, rel: str) -> dict:
     pf = pq.ParquetFile(path)
     md = pf.metadata
     rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-    lens = pf.read(columns=["input_ids"]).column("input_ids").combine_chunks().value_lengths().to_numpy()
+    table = pf.read(columns=["input_ids", "topk_ids"])
+    lens = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+    largest = [pc.max(pc.list_flatten(table.column(c))).as_py() for c in ("input_ids", "topk_ids")]
     return {
         "file": rel, "rows": int(md.num_rows), "positions": int((lens - 1).sum()), "tokens": int(lens.sum()),
         "bytes": path.stat().st_size, "sha256": file_sha256(path), "row_group_rows": rg_rows,
+        "max_token_id": max((int(x) for x in largest if x is not None), default=-1),
     }
 
 
@@ -246,6 +251,7 @@ class CacheWriter:
         shards = self.manifest["shards"]
         for key in ("rows", "positions", "tokens", "bytes"):
             self.manifest[key] = int(sum(s.get(key, 0) for s in shards))
+        set_max_token_id(self.manifest)
         self.manifest["updated"] = _now()
 
     # ---- writing -------------------------------------------------------------------------------------------------
@@ -293,7 +299,8 @@ class CacheWriter:
             tmp = self.out_dir / (name + ".tmp")
             self._sink = pa.OSFile(str(tmp), "wb")
             self._pq_writer = pq.ParquetWriter(self._sink, self._schema, **self._pq_options)
-            self._shard = {"file": name, "tmp": tmp, "rows": 0, "positions": 0, "tokens": 0, "row_group_rows": []}
+            self._shard = {"file": name, "tmp": tmp, "rows": 0, "positions": 0, "tokens": 0, "row_group_rows": [],
+                           "max_token_id": -1}
         self._pq_writer.write_table(table, row_group_size=table.num_rows)  # exactly one row group
         s = self._shard
         s["rows"] += table.num_rows
@@ -301,6 +308,9 @@ class CacheWriter:
         s["tokens"] += tokens
         s["positions"] += tokens - table.num_rows
         s["row_group_rows"].append(table.num_rows)
+        # Recorded so stage 2 can check the student's vocabulary without scanning the shards.
+        s["max_token_id"] = max([s["max_token_id"]] + [int(max(r.input_ids.max(initial=-1), r.topk_ids.max(initial=-1)))
+                                                       for r in self._buffer])
         self._buffer = []
         self._buffer_bytes = 0
         if self._sink.tell() >= self.shard_max_bytes:
@@ -320,7 +330,8 @@ class CacheWriter:
         finally:
             os.close(fd)
         entry = {"file": s["file"], "rows": s["rows"], "positions": s["positions"], "tokens": s["tokens"],
-                 "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), "row_group_rows": s["row_group_rows"]}
+                 "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp), "row_group_rows": s["row_group_rows"],
+                 "max_token_id": s["max_token_id"]}
         os.replace(tmp, self.out_dir / s["file"])
         fsync_dir(self.out_dir)
         self.manifest["shards"].append(entry)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rlkd.cache.manifest import IDENTITY_KEYS, identity_differences, manifest_path, read_manifest, write_manifest
+from rlkd.cache.manifest import (IDENTITY_KEYS, identity_differences, manifest_path, read_manifest,
+                                 set_max_token_id, write_manifest)
 
 
 class MergeError(ValueError):
@@ -111,6 +112,7 @@ def merge_caches(out: str | os.PathLike, parts: list[str | os.PathLike], *, allo
         "created": now,
         "updated": now,
     })
+    set_max_token_id(merged)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, merged)
     return merged
