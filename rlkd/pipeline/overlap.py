@@ -3,7 +3,7 @@
 On a GPU the teacher's forward leaves the CPU idle, and building rows (numpy) and encoding and writing them (pyarrow,
 zstd) would otherwise add their time to every batch. :class:`RowWriterThread` takes scored batches from the engine
 loop and builds and writes their rows on one background thread, in submission order, through the same
-:func:`rlkd.pipeline.rows.build_row` and :class:`~rlkd.cache.CacheWriter` as before. The numpy, pyarrow and zstd work
+:func:`rlkd.pipeline.rows.write_rows` and :class:`~rlkd.cache.CacheWriter` as before. The numpy, pyarrow and zstd work
 releases the GIL, so it overlaps with the engine.
 
 * **Bounded:** at most ``depth`` scored batches wait; ``submit`` blocks beyond that, which bounds memory.
@@ -32,7 +32,7 @@ class RowWriterThread:
         self._thread.start()
 
     def _work(self) -> None:
-        from rlkd.pipeline.rows import build_row
+        from rlkd.pipeline import rows
 
         while True:
             item = self._q.get()
@@ -42,12 +42,7 @@ class RowWriterThread:
                 continue  # drain without writing after a failure
             batch, scored = item
             try:
-                for ex, sc in zip(batch, scored):
-                    row = build_row(ex, sc, self.cfg.top_k, self.cfg.min_prob, self.cfg.min_k)
-                    if self.w.write(row):
-                        self.stats["rows"] += 1
-                        self.stats["tokens"] += int(row.input_ids.shape[0])
-                        self.stats["positions"] += row.num_positions
+                rows.write_rows(batch, scored, self.w, self.cfg, self.stats)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                 self._error = e
 

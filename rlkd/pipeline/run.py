@@ -254,20 +254,15 @@ def score_and_write(batch: list, engine, w: CacheWriter, cfg: CacheTeacherConfig
     With ``sink`` (a :class:`~rlkd.pipeline.overlap.RowWriterThread`), rows are built and written on its thread
     while the caller goes on to score the next batch.
     """
-    from rlkd.pipeline.rows import build_row
+    from rlkd.pipeline.rows import write_rows
 
     t0 = time.perf_counter()
     scored = engine.score([ex.input_ids for ex in batch])
     stats["engine_s"] += time.perf_counter() - t0
     if sink is not None:
         sink.submit(batch, scored)
-        return
-    for ex, sc in zip(batch, scored):
-        row = build_row(ex, sc, cfg.top_k, cfg.min_prob, cfg.min_k)
-        if w.write(row):
-            stats["rows"] += 1
-            stats["tokens"] += int(row.input_ids.shape[0])
-            stats["positions"] += row.num_positions
+    else:
+        write_rows(batch, scored, w, cfg, stats)
 
 
 def _progress(total: int, already: int, enabled: bool):

@@ -150,11 +150,11 @@ def setup(cfg: TrainConfig) -> Run:
     stream = TrainStream(reader, batch_size=cfg.data.batch_size, eval_fraction=cfg.data.eval_fraction,
                          group_by_length=cfg.data.group_by_length, length_group=cfg.data.length_group,
                          seed=cfg.run.seed, epochs=epochs)
+    rows_per_step = cfg.data.batch_size * grad_accum * ctx.world_size
     if cfg.optim.max_steps is not None:
         total_steps = cfg.optim.max_steps
     else:  # an estimate: the exact count depends on the eval split and grouping, known only after a pass
         rows = reader.num_rows * (1.0 - cfg.data.eval_fraction)
-        rows_per_step = cfg.data.batch_size * grad_accum * ctx.world_size
         total_steps = max(1, math.ceil(rows / rows_per_step)) * epochs
     eval_reader = None
     if cfg.data.eval_cache or cfg.data.eval_fraction > 0:
@@ -182,8 +182,7 @@ def setup(cfg: TrainConfig) -> Run:
         run.sinks = _open_sinks(cfg, out)
     if ctx.distributed:
         _say(run, f"{ctx.world_size} processes ({ctx.strategy}, {device.type}), {grad_accum} micro-batch(es) of "
-                  f"{cfg.data.batch_size} rows per process and step: {cfg.data.batch_size * grad_accum * ctx.world_size}"
-                  " rows per step")
+                  f"{cfg.data.batch_size} rows per process and step: {rows_per_step} rows per step")
     dist.barrier()  # OUT exists before anyone writes into it
     return run
 
