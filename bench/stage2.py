@@ -3,7 +3,9 @@
 Measures (CPU by default; ``--device cuda`` for bf16 on a GPU):
 
 1. **Step time** of one optimizer step on the same batches, interleaved round-robin so machine noise hits all
-   variants alike (median over ``--steps``):
+   variants alike; each variant runs on the same batch in a round, in an order rotated every round, and a ratio is
+   the median over ``--steps`` rounds of the per-round ratio (paired; the unpaired ratios of medians are kept in the
+   JSON beside it):
    - ``kd_rank``: the trainer's own step (:func:`rlkd.trainer.loop.train_step`) with the default loss
      (sparse forward KL + 2 x RLKD rank loss) from cached targets;
    - ``kd_only``: the same with ``rank_weight=0`` (gives the ranking loss's overhead);
@@ -212,8 +214,11 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU time: steadier on a shared host
+    names = list(variants)
     for i, batch in enumerate(batches):  # batch 0 warms every variant up and is not timed
-        for name, fn in variants.items():
+        # Rotate the order every round, so no variant always runs first (cold caches) or right after another.
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            fn = variants[name]
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fn([batch])
@@ -225,6 +230,12 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
               file=sys.stderr, flush=True)
     med = {name: statistics.median(v) for name, v in times.items()}
     cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
+
+    def paired(a: str, b: str, t: dict[str, list[float]] = times) -> float:
+        """Median over rounds of a's time / b's time in the same round (same batch, seconds apart): the headline
+        ratios. Pairing cancels what changes between rounds (batch length, load on a shared host)."""
+        return statistics.median(x / y for x, y in zip(t[a], t[b]))
+
     positions = statistics.mean(int(b["attention_mask"].sum() - b["attention_mask"].shape[0]) for b in batches[1:])
     trained = statistics.mean(int(b["loss_mask"].sum()) for b in batches[1:])
     return {
@@ -232,17 +243,23 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
         "all_step_s": times,
         "scored_positions_per_batch": positions,
         "trained_positions_per_batch": trained,
-        "kd_rank_over_ce_chunked": med["kd_rank"] / med["ce_chunked"],
-        "kd_rank_over_ce_hf": med["kd_rank"] / med["ce_hf"],
-        "online_kd_over_kd_rank": med["online_kd"] / med["kd_rank"],
-        "rank_overhead": med["kd_rank"] / med["kd_only"] - 1.0,
+        "kd_rank_over_ce_chunked": paired("kd_rank", "ce_chunked"),
+        "kd_rank_over_ce_hf": paired("kd_rank", "ce_hf"),
+        "online_kd_over_kd_rank": paired("online_kd", "kd_rank"),
+        "rank_overhead": paired("kd_rank", "kd_only") - 1.0,
+        "ratios_of_medians": {  # the same ratios from the per-variant medians, unpaired, for comparison
+            "kd_rank_over_ce_chunked": med["kd_rank"] / med["ce_chunked"],
+            "kd_rank_over_ce_hf": med["kd_rank"] / med["ce_hf"],
+            "online_kd_over_kd_rank": med["online_kd"] / med["kd_rank"],
+            "rank_overhead": med["kd_rank"] / med["kd_only"] - 1.0,
+        },
         "trainer_positions_per_s": positions / med["kd_rank"],
         "median_cpu_s": cpu_med,
         "all_cpu_s": cpu,
-        "cpu_kd_rank_over_ce_chunked": cpu_med["kd_rank"] / cpu_med["ce_chunked"],
-        "cpu_kd_rank_over_ce_hf": cpu_med["kd_rank"] / cpu_med["ce_hf"],
-        "cpu_online_kd_over_kd_rank": cpu_med["online_kd"] / cpu_med["kd_rank"],
-        "cpu_rank_overhead": cpu_med["kd_rank"] / cpu_med["kd_only"] - 1.0,
+        "cpu_kd_rank_over_ce_chunked": paired("kd_rank", "ce_chunked", cpu),
+        "cpu_kd_rank_over_ce_hf": paired("kd_rank", "ce_hf", cpu),
+        "cpu_online_kd_over_kd_rank": paired("online_kd", "kd_rank", cpu),
+        "cpu_rank_overhead": paired("kd_rank", "kd_only", cpu) - 1.0,
     }
 
 
@@ -472,7 +489,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--steps", type=int, default=8, help="timed rounds, one step per variant each (after one warm-up)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--mem-seq-len", type=int, default=4096)
     p.add_argument("--chunk-size", type=int, default=256)

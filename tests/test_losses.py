@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rlkd.config import ConfigError, build_config
-from rlkd.trainer.losses import DistillLoss, LossConfig, TeacherTargets, rank_union, vocab_stats
+from rlkd.trainer.losses import DistillLoss, LossConfig, TeacherTargets, rank_union, top_ids, vocab_stats
 from rlkd.trainer.softrank import soft_rank
 from tests.test_softrank import isotonic_soft_rank
 
@@ -317,6 +317,21 @@ def test_fill_ties_stay_tied_and_respect_small_tail():
     # Empty tail (top-k holds everything): the fill is a_min - 1.
     z, tg = crafted(row, teacher_ids, teacher_lp, vocab, tail=float("-inf"))
     assert torch.allclose(rank_union(z, tg, 3)[2][0, 3:], torch.full((3,), teacher_lp[2] - 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("vocab,block", [(49_152, 128), (1_000, 64), (300, 128), (37, 128)])
+def test_top_ids_matches_torch_topk(vocab, block):
+    """The blocked top-k gives exactly torch.topk's ids (distinct values) and its values (with ties)."""
+    g = torch.Generator().manual_seed(vocab)
+    z = torch.randn(64, vocab, generator=g)  # (N, V), distinct values
+    z[:8, : vocab // 2] += 5.0  # peaks bunched in the first blocks of some rows
+    z[8:16] *= 0.01  # a flat row set
+    for k in (1, 5, 10):
+        assert torch.equal(top_ids(z, k, block), torch.topk(z, k, dim=-1).indices)
+    tied = torch.randint(0, 4, (64, vocab), generator=g).float()  # (N, V), many exact ties
+    ids = top_ids(tied, 5, block)
+    assert torch.equal(tied.gather(1, ids), torch.topk(tied, 5, dim=-1).values)
+    assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct ids per row
 
 
 def test_rank_against_per_row_reference():

@@ -94,8 +94,8 @@ class Stage1Worker:
         self.cfg, self.meta, self.index, self.replicas = cfg, meta, index, replicas
         self.part_dir, self.shard_max_bytes = part_dir, shard_max_bytes
         self.exit_after_shards = exit_after_shards
-        self.stats = {"already_cached": 0, "rows": 0, "tokens": 0, "positions": 0, "engine_s": 0.0, "loop_s": 0.0,
-                      "bytes": 0, "shards": 0}
+        self.stats = {"already_cached": 0, "rows": 0, "tokens": 0, "scored_tokens": 0, "positions": 0, "engine_s": 0.0,
+                      "loop_s": 0.0, "bytes": 0, "shards": 0}
         # The engine loads in the constructor, so the N replicas load theirs in parallel.
         self.engine = engine_for(cfg, meta["teacher"]["dtype"])
 

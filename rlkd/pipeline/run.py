@@ -167,7 +167,8 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     dtype = meta["teacher"]["dtype"]
     counters = InputCounters()
     planned = _planned_rows(cfg, ds)
-    stats = {"already_cached": 0, "rows": 0, "tokens": 0, "positions": 0, "engine_s": 0.0, "loop_s": 0.0}
+    stats = {"already_cached": 0, "rows": 0, "tokens": 0, "scored_tokens": 0, "positions": 0, "engine_s": 0.0,
+             "loop_s": 0.0}
     out = Path(cfg.out)
     name_prefix = "shard" if shard_n == 1 else f"part{shard_i}of{shard_n}"
     writer = None
@@ -259,6 +260,8 @@ def score_and_write(batch: list, engine, w: CacheWriter, cfg: CacheTeacherConfig
     t0 = time.perf_counter()
     scored = engine.score([ex.input_ids for ex in batch])
     stats["engine_s"] += time.perf_counter() - t0
+    # The progress bar's rate counts tokens as they are scored: rows still queued for the writer thread lag behind.
+    stats["scored_tokens"] += sum(len(ex.input_ids) for ex in batch)
     if sink is not None:
         sink.submit(batch, scored)
     else:
@@ -276,7 +279,7 @@ def _progress(total: int, already: int, enabled: bool):
 
 def _tick(bar, counters, stats: dict, t_run: float, on_batch) -> None:
     elapsed = time.perf_counter() - t_run
-    tps = stats["tokens"] / elapsed if elapsed > 0 else 0.0
+    tps = stats["scored_tokens"] / elapsed if elapsed > 0 else 0.0
     if bar is not None:
         # Source rows consumed so far (written, already cached, or skipped by the input side).
         bar.update(max(0, counters.rows - bar.n))
