@@ -7,7 +7,7 @@ both sides alike. A benchmark that fails or times out gets a row saying so; the 
 
     python bench/run_all.py                 # full sizes (an hour or more on 2 CPU cores)
     python bench/run_all.py --quick         # smoke run: small sizes, minutes; figures are noisy
-    python bench/run_all.py --only stage2,loss_memory
+    python bench/run_all.py --only stage2,loss_memory   # re-run two; keep the others' figures from the last run
 
 RESULTS.md keeps the section that bench/rlkd_vs_kl.py writes (between its markers); run that script separately.
 """
@@ -273,7 +273,8 @@ def figures_of(b: Bench, rec: dict) -> list[dict]:
     return rows
 
 
-def render(m: dict, runs: list[dict], rows: list[dict], a: argparse.Namespace, started: str, wall: float) -> str:
+def render(m: dict, runs: list[dict], rows: list[dict], a: argparse.Namespace, started: str, wall: float,
+           kept_from: list[str] | None = None) -> str:
     v = m["versions"]
     load = ", ".join(f"{x:.1f}" for x in m["load_at_start"])
     lines = [
@@ -291,6 +292,8 @@ def render(m: dict, runs: list[dict], rows: list[dict], a: argparse.Namespace, s
         "measurements taken side by side in one run, which load affects alike; absolute rates are not comparable "
         "across runs.",
         f"- Teacher: `{a.teacher}` (SmolLM2-135M-Instruct); data: databricks-dolly-15k (`{a.dolly}`).",
+        *([f"- This run re-ran only `--only {a.only}`; the other benches' figures are kept from the run(s) started "
+           f"{', '.join(kept_from)} (each command below says when it ran)."] if kept_from else []),
         "",
         "| bench | figure | value | goal | result |",
         "|---|---|---:|---|---|",
@@ -302,7 +305,8 @@ def render(m: dict, runs: list[dict], rows: list[dict], a: argparse.Namespace, s
     lines += ["", f"{n_pass} of {n_goal} goals met.", "", "Commands (each bench's full output is in its log):", ""]
     for rec in runs:
         took = f"{rec['seconds']:.0f} s" if rec.get("seconds") is not None else "time in its log"
-        lines.append(f"- `{rec['command']}` — {took}" + (f" — **{rec['error']}**" if "error" in rec else ""))
+        when = f" — started {rec['started']}" if kept_from else ""
+        lines.append(f"- `{rec['command']}` — {took}{when}" + (f" — **{rec['error']}**" if "error" in rec else ""))
     lines.append("")
     return "\n".join(lines)
 
@@ -334,7 +338,7 @@ def main(argv=None) -> int:
     else:
         m, wall0, took = machine(), None, {}
     print(f"machine: {m['cpu']} x{m['cores']}, {m['memory']}, load {m['load_at_start'][0]:.1f}; {m['versions']}")
-    chosen = benches(a)
+    chosen = every = benches(a)
     if a.only:
         want = {s.strip() for s in a.only.split(",")}
         unknown = want - {b.name for b in chosen}
@@ -355,7 +359,24 @@ def main(argv=None) -> int:
         if "error" in rec:
             print(f"   {b.name} failed: {rec['error']} (log: {rec['log']})", flush=True)
     wall = wall0 if wall0 is not None else time.time() - t0
-    text = render(m, runs, rows, a, started, wall)
+    for rec in runs:
+        rec.setdefault("started", started)
+    kept_from = None
+    if a.only and not a.rerender and prev.is_file():
+        # Keep the figures of the benches not re-run, from the last run's results, in the usual order.
+        old = json.loads(prev.read_text())
+        new_runs, new_rows = {r["name"]: r for r in runs}, rows
+        old_runs = {r["name"]: {**r, "started": r.get("started", old.get("started", "?"))} for r in old["runs"]}
+        runs, rows = [], []
+        for b in every:
+            if b.name in new_runs:
+                runs.append(new_runs[b.name])
+                rows += [r for r in new_rows if r["bench"] == b.name]
+            elif b.name in old_runs:
+                runs.append(old_runs[b.name])
+                rows += [r for r in old["figures"] if r["bench"] == b.name]
+        kept_from = sorted({r["started"] for r in runs if r["name"] not in new_runs})
+    text = render(m, runs, rows, a, started, wall, kept_from)
     old = a.results.read_text() if a.results.exists() else ""
     if VS_BEGIN in old and VS_END in old:  # keep bench/rlkd_vs_kl.py's section
         text += "\n" + old[old.index(VS_BEGIN): old.index(VS_END) + len(VS_END)] + "\n"
