@@ -189,6 +189,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()  # a CPU-GPU sync point, on purpose: time the work, not the launch
 
 
+RATIOS = {
+    "kd_rank_over_ce_chunked": ("kd_rank", "ce_chunked", 0.0),
+    "kd_rank_over_ce_hf": ("kd_rank", "ce_hf", 0.0),
+    "online_kd_over_kd_rank": ("online_kd", "kd_rank", 0.0),
+    "rank_overhead": ("kd_rank", "kd_only", 1.0),
+}
+"""Step-time figures: name -> (numerator variant, denominator variant, offset subtracted from the ratio)."""
+
+
 def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.device, batch_size: int,
                steps: int, k: int) -> dict:
     from transformers import AutoModelForCausalLM
@@ -243,23 +252,13 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
         "all_step_s": times,
         "scored_positions_per_batch": positions,
         "trained_positions_per_batch": trained,
-        "kd_rank_over_ce_chunked": paired("kd_rank", "ce_chunked"),
-        "kd_rank_over_ce_hf": paired("kd_rank", "ce_hf"),
-        "online_kd_over_kd_rank": paired("online_kd", "kd_rank"),
-        "rank_overhead": paired("kd_rank", "kd_only") - 1.0,
-        "ratios_of_medians": {  # the same ratios from the per-variant medians, unpaired, for comparison
-            "kd_rank_over_ce_chunked": med["kd_rank"] / med["ce_chunked"],
-            "kd_rank_over_ce_hf": med["kd_rank"] / med["ce_hf"],
-            "online_kd_over_kd_rank": med["online_kd"] / med["kd_rank"],
-            "rank_overhead": med["kd_rank"] / med["kd_only"] - 1.0,
-        },
+        **{name: paired(a, b) - off for name, (a, b, off) in RATIOS.items()},
+        # the same ratios from the per-variant medians, unpaired, for comparison
+        "ratios_of_medians": {name: med[a] / med[b] - off for name, (a, b, off) in RATIOS.items()},
         "trainer_positions_per_s": positions / med["kd_rank"],
         "median_cpu_s": cpu_med,
         "all_cpu_s": cpu,
-        "cpu_kd_rank_over_ce_chunked": paired("kd_rank", "ce_chunked", cpu),
-        "cpu_kd_rank_over_ce_hf": paired("kd_rank", "ce_hf", cpu),
-        "cpu_online_kd_over_kd_rank": paired("online_kd", "kd_rank", cpu),
-        "cpu_rank_overhead": paired("kd_rank", "kd_only", cpu) - 1.0,
+        **{f"cpu_{name}": paired(a, b, cpu) - off for name, (a, b, off) in RATIOS.items()},
     }
 
 

@@ -16,34 +16,31 @@ from __future__ import annotations
 import numpy as np
 
 
+def _rank_in_group(key: np.ndarray):
+    """For events in time order: how many earlier events share each event's key; plus the stable sort by key and
+    the group starts in that order (reused by the caller)."""
+    idx = np.arange(key.size)
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    start = np.r_[True, ks[1:] != ks[:-1]]
+    gstart = np.maximum.accumulate(np.where(start, idx, 0))
+    rank = np.empty(key.size, np.int64)
+    rank[order] = idx - gstart
+    return rank, order, start
+
+
 def seq_counts(ctx: np.ndarray, sym: np.ndarray):
     """For events in time order: (n_c, n_cs, u_c) counted over earlier events only."""
     ctx = np.asarray(ctx, dtype=np.int64)
     sym = np.asarray(sym, dtype=np.int64)
-    N = ctx.size
-    idx = np.arange(N)
-    # n_c: rank within the context group, by time
-    o = np.argsort(ctx, kind="stable")
-    cs = ctx[o]
-    start = np.r_[True, cs[1:] != cs[:-1]]
-    gstart = np.maximum.accumulate(np.where(start, idx, 0))
-    n_c = np.empty(N, np.int64)
-    n_c[o] = idx - gstart
-    # n_cs
-    key = ctx * (int(sym.max()) + 1) + sym
-    o2 = np.argsort(key, kind="stable")
-    ks = key[o2]
-    start2 = np.r_[True, ks[1:] != ks[:-1]]
-    gstart2 = np.maximum.accumulate(np.where(start2, idx, 0))
-    n_cs = np.empty(N, np.int64)
-    n_cs[o2] = idx - gstart2
+    n_c, o, start = _rank_in_group(ctx)  # earlier events in the same context
+    n_cs, _, _ = _rank_in_group(ctx * (int(sym.max()) + 1) + sym)  # earlier events of the same (context, symbol)
     # u_c: first occurrences of (c, s) before this event within c
     first = (n_cs == 0).astype(np.int64)
     f = first[o]
     cum = np.cumsum(f)
-    base = np.where(start, cum - f, 0)
     base = np.maximum.accumulate(np.where(start, cum - f, -1))  # cum before group start
-    u = np.empty(N, np.int64)
+    u = np.empty(ctx.size, np.int64)
     u[o] = cum - f - base
     return n_c, n_cs, u
 
