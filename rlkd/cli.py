@@ -254,8 +254,13 @@ def _inspect_help() -> str:
         "  rlkd inspect CACHE                              summary: manifest facts and statistics with histograms\n"
         "  rlkd inspect CACHE --row N [--positions A:B]    one row, position by position, with the teacher's peaks\n"
         "  rlkd inspect CACHE --html report.html [--rows 0,3,10-12]   self-contained HTML report\n"
-        "  rlkd inspect CACHE --student PATH [--sample N]  CR@1/2/5, OR@5/10, MOR@5/10, top-1 agreement, sparse KL\n"
+        "  rlkd inspect CACHE --student PATH [--sample N]  the student's peak agreement, sparse KL and CE\n"
         "\n"
+        "Student metrics (the RLKD paper's, per position with S_k / T_k the student's / teacher's top k): cr@k, "
+        "S_k equals T_k in order; or@k = |S_k ∩ T_k| / k, the paper's per-position OR@k, reported as its mean mor@k "
+        "(the paper's MOR@k); set@k, the same top-k set in any order (or@k = 1); top1_agreement; kd, the sparse "
+        "forward KL with --tail; ce, cross-entropy on the actual next token. A metric whose k exceeds the cache's "
+        "k is left out, and the output says so. train-student's evaluation reports the same numbers.\n\n"
         "Statistics (each split into prompt and response positions by loss_mask): top-1 probability; entropy "
         "lower bound (tail mass packed into as few tokens as the ranking allows, each at most the last cached "
         "probability) and upper bound (tail spread uniformly over the V - k dropped tokens); number of peaks "
@@ -283,6 +288,8 @@ def _inspect_help() -> str:
 @click.option("--html", default=None, metavar="FILE", help="Write a self-contained HTML report.")
 @click.option("--rows", default=None, metavar="SPEC", help="With --html: heatmap rows, e.g. 0,3,10-12 [default: 0-2].")
 @click.option("--student", default=None, metavar="PATH", help="Student model folder: measure its peak agreement.")
+@click.option("--tail", type=click.Choice(["bucket", "renormalize"]), default=None,
+              help="With --student: tail mode of the sparse KL, as train-student's --tail [default: bucket].")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Colour the --row view (auto: only in a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema above) instead of text.")
@@ -293,18 +300,21 @@ def inspect_cmd(cache, as_json, **flags):
     from rlkd.config import build_config
     from rlkd.inspect.run import InspectOptions, run
     from rlkd.inspect.student import AgreementError
-    from rlkd.inspect.view import TokenizerNotFoundError, is_terminal
+    from rlkd.inspect.view import TokenizerNotFoundError, is_terminal, printable
 
     opts = build_config(InspectOptions, {"cache": cache, **flags}, source="rlkd inspect")
     color = opts.color == "always" or (opts.color == "auto" and not as_json and is_terminal(sys.stdout))
     try:
         obj, text = run(opts, color=color, progress=is_terminal(sys.stderr))
     except (AgreementError, TokenizerNotFoundError, CacheCorruptError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(printable(str(e), multiline=True)) from None
     except (ValueError, KeyError, IndexError) as e:
-        raise click.ClickException(str(e.args[0]) if e.args else repr(e)) from None
+        raise click.ClickException(printable(str(e.args[0]) if e.args else repr(e), multiline=True)) from None
     if as_json:
-        click.echo(json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False))
+        # JSON escapes C0 controls itself; DEL and the C1 controls (U+0080..U+009F) are escaped here, so the output
+        # is safe on a terminal too (the same JSON to a parser).
+        out = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False)
+        click.echo(out.translate({c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}))
     else:
         click.echo(text, nl=False, color=color or None)  # click strips ANSI codes off a pipe unless told
 

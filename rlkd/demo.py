@@ -29,8 +29,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-METRICS = ("kd", "top1_agreement", "cr@1", "cr@2", "cr@5", "mor@5", "mor@10")
-"""Headline figures, in display order (keys of PeakMetrics.compute; "kd" is the sparse forward KL in nats)."""
+from rlkd.core.metrics import CR_KS, OVERLAP_KS  # names only: imports no torch
+
+METRICS = ("kd", "top1_agreement", *(f"cr@{k}" for k in CR_KS), *(f"mor@{k}" for k in OVERLAP_KS))
+"""Headline figures, in display order (keys of :meth:`rlkd.core.metrics.PeakMetrics.compute`: "kd" is the sparse
+forward KL in nats, mor@k the mean per-position overlap |top-k(S) & top-k(T)| / k)."""
 
 LOWER_IS_BETTER = {"kd"}
 

@@ -13,7 +13,7 @@ from rlkd.cache.manifest import (
     CacheMismatchError,
     read_manifest,
 )
-from rlkd.cache.reader import CacheReader, collate
+from rlkd.cache.reader import CacheReader
 from rlkd.cache.schema import CODECS, FORMAT_VERSION, MAX_K, TeacherRow, make_row_id, row_problems
 from rlkd.cache.verify import verify_cache, verify_report
 from rlkd.cache.writer import CacheWriter
@@ -21,6 +21,6 @@ from rlkd.cache.writer import CacheWriter
 __all__ = [
     "CODECS", "FORMAT_VERSION", "MAX_K", "CacheCorruptError", "CacheLockedError", "CacheMismatchError",
     "CacheReader", "CacheWriter", "TeacherRow", "TokenizerMismatchError", "adaptive_counts",
-    "check_tokenizer_compatible", "collate", "decode_logprobs", "encode_logprobs", "make_row_id", "read_manifest",
+    "check_tokenizer_compatible", "decode_logprobs", "encode_logprobs", "make_row_id", "read_manifest",
     "roundtrip", "row_problems", "tokenizer_identity", "verify_cache", "verify_report",
 ]

@@ -150,3 +150,22 @@ def set_max_token_id(manifest: dict) -> None:
         manifest["max_token_id"] = max(values)
     else:
         manifest.pop("max_token_id", None)
+
+
+def max_cached_id(cache_dir: str | Path, manifest: dict) -> int:
+    """The largest teacher id in the cache (-1 when empty): the manifest's ``max_token_id`` when it records one,
+    else a scan of the shards' ``topk_ids`` and ``input_ids`` columns (reads only those two columns)."""
+    for key in ("max_token_id", "max_id"):
+        if isinstance(manifest.get(key), int):
+            return int(manifest[key])
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    largest = -1
+    for shard in manifest.get("shards", []):
+        table = pq.read_table(Path(cache_dir) / shard["file"], columns=["topk_ids", "input_ids"])
+        for name in ("topk_ids", "input_ids"):
+            values = pc.list_flatten(table.column(name))
+            if len(values):
+                largest = max(largest, int(pc.max(values).as_py()))
+    return largest

@@ -1,4 +1,4 @@
-"""CacheReader: stream padded, decoded batches from a cache, shuffled per epoch, split over ranks, resumable.
+"""CacheReader: stream decoded rows from a cache in batches, shuffled per epoch, split over ranks, resumable.
 
 Order of one epoch (every rank computes the same global order without talking to the others):
 
@@ -168,69 +168,13 @@ def buffer_shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.nd
     return np.concatenate([np.array(out, dtype=np.int64), tail])
 
 
-def collate(rows: list[TeacherRow], k: int) -> dict:
-    """Pad rows into the batch dict (see :class:`CacheReader`). Loops over rows, never over positions."""
-    import torch
-
-    B = len(rows)
-    T = max(int(r.input_ids.shape[0]) for r in rows)
-    input_ids = np.zeros((B, T), dtype=np.int64)
-    attention_mask = np.zeros((B, T), dtype=bool)
-    loss_mask = np.zeros((B, T), dtype=bool)
-    topk_ids = np.zeros((B, T, k), dtype=np.int64)
-    topk_lp = np.full((B, T, k), -np.inf, dtype=np.float32)
-    topk_valid = np.zeros((B, T, k), dtype=bool)
-    # Unscored positions (last token, padding) get a valid all-tail distribution: tail 0 = log 1, no NaNs downstream.
-    tail = np.zeros((B, T), dtype=np.float32)
-    target_lp = np.zeros((B, T), dtype=np.float32)
-    target_rank = np.zeros((B, T), dtype=np.int64)
-    for b, r in enumerate(rows):
-        Tb = int(r.input_ids.shape[0])
-        P = Tb - 1
-        input_ids[b, :Tb] = r.input_ids
-        attention_mask[b, :Tb] = True
-        loss_mask[b, :P] = r.loss_mask
-        tail[b, :P] = r.tail_logmass
-        target_lp[b, :P] = r.target_logprob
-        target_rank[b, :P] = r.target_rank
-        n = int(r.topk_ids.shape[0])
-        if n == P * k:  # every position kept k entries: a plain reshape
-            topk_ids[b, :P] = r.topk_ids.reshape(P, k)
-            topk_lp[b, :P] = r.topk_logprobs.reshape(P, k)
-            topk_valid[b, :P] = True
-        else:  # adaptive k: entry e of position t goes to flat slot t*k + (e - start_t) of this row's (T, k) slab
-            counts = r.topk_count.astype(np.int64)
-            starts = np.cumsum(counts) - counts
-            dst = np.arange(n) + np.repeat(np.arange(P) * k - starts, counts)  # (n,)
-            topk_ids[b].reshape(-1)[dst] = r.topk_ids
-            topk_lp[b].reshape(-1)[dst] = r.topk_logprobs
-            topk_valid[b].reshape(-1)[dst] = True
-    return {
-        "input_ids": torch.from_numpy(input_ids),  # (B, T)
-        "attention_mask": torch.from_numpy(attention_mask),  # (B, T)
-        "loss_mask": torch.from_numpy(loss_mask),  # (B, T)
-        "topk_ids": torch.from_numpy(topk_ids),  # (B, T, k)
-        "topk_logprobs": torch.from_numpy(topk_lp),  # (B, T, k)
-        "topk_valid": torch.from_numpy(topk_valid),  # (B, T, k)
-        "tail_logmass": torch.from_numpy(tail),  # (B, T)
-        "target_logprob": torch.from_numpy(target_lp),  # (B, T)
-        "target_rank": torch.from_numpy(target_rank),  # (B, T)
-        "source_index": torch.tensor([r.source_index for r in rows], dtype=torch.int64),  # (B,)
-        "row_id": [r.row_id for r in rows],
-    }
-
-
 class CacheReader:
-    """Iterate a cache as padded torch batches; one pass of ``for batch in reader`` is one epoch of this rank.
+    """Iterate a cache in batches of rows; one pass of ``for rows in reader`` is one epoch of this rank.
 
-    Batch (positions aligned with the model's logits: position t predicts token t+1)::
-
-        input_ids (B,T) int64 (pad 0)            attention_mask (B,T) bool
-        loss_mask (B,T) bool (last real position and padding False)
-        topk_ids (B,T,k) int64 (pad 0)           topk_logprobs (B,T,k) float32 (pad -inf)
-        topk_valid (B,T,k) bool                  tail_logmass (B,T) float32 (unscored positions: 0)
-        target_logprob (B,T) float32 (pad 0)     target_rank (B,T) int64 (pad 0)
-        source_index (B,) int64                  row_id list[str]
+    Each batch is a ``list[TeacherRow]`` of ``batch_size`` rows (the last one of an epoch may be shorter), unpadded
+    and decoded (see :mod:`rlkd.cache.schema`). Turning rows into padded model inputs and flattened teacher targets
+    is :func:`rlkd.core.targets.collate`'s job, after the consumer has chosen its rows. Without shuffling, a row's
+    arrays are read-only views into its decoded row group: a row kept long after its batch keeps that group alive.
 
     Args:
         cache_dir: a cache written by :class:`CacheWriter`.
@@ -429,19 +373,19 @@ class CacheReader:
             stop.set()
             thread.join()
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[list[TeacherRow]]:
         batch: list[TeacherRow] = []
         for row in self._rows():
             batch.append(row)
             if len(batch) == self.batch_size:
                 # Advance before yielding: state_dict() taken while the consumer holds this batch resumes after it.
                 self.position += len(batch)
-                yield collate(batch, self.k)
+                yield batch
                 batch = []
         if batch:
             self.position += len(batch)
             if not self.drop_last:
-                yield collate(batch, self.k)
+                yield batch
 
     def iter_blocks(self, columns=None, *, part: tuple[int, int] = (0, 1)) -> Iterator[DecodedBlock]:
         """Every row group of the cache (all ranks), decoded, in file order: flat columns for whole-cache tools

@@ -2,7 +2,7 @@
 
 Modules: :mod:`~rlkd.inspect.stats` (vectorised summary statistics and the entropy bounds),
 :mod:`~rlkd.inspect.view` (terminal views, tokenizer loading), :mod:`~rlkd.inspect.report` (self-contained HTML),
-:mod:`~rlkd.inspect.student` (CR@k / OR@k / MOR@k through the trainer's shared ``PeakMetrics``),
+:mod:`~rlkd.inspect.student` (CR@k, MOR@k, set@k through :mod:`rlkd.core.metrics`, as the trainer's evaluation),
 :mod:`~rlkd.inspect.run` (what the command does, form by form).
 
 This module stays import-light (no numpy) so that ``rlkd --help`` can show :data:`JSON_SCHEMA`.
@@ -45,11 +45,17 @@ JSON_SCHEMA = """\
   "student": {                         # --student
     "student": str, "rows": int, "positions": int,
     "sample": {"requested": int|null, "seed": int},
-    "metrics": {"all"|"response": null | {"cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5",
-                "mor@10", "top1_agreement", "kd": float|null, "positions": int,
+    "tail": "bucket"|"renormalize",    # tail mode of kd (--tail)
+    "cache_k": int,
+    "metrics": {"all"|"response": null | {"cr@1", "cr@2", "cr@5", "mor@5", "mor@10", "set@5",
+                "set@10", "top1_agreement", "kd", "ce": float|null, "positions": int,
                 "eligible@1", "eligible@2", "eligible@5", "eligible@10": int}},
-                # rlkd.trainer.metrics.PeakMetrics.compute(); a rate is over the positions where the
-                # teacher kept >= k entries (eligible@k), null when there is none
+                # rlkd.core.metrics.PeakMetrics.compute(), per position with S_k/T_k the student's/
+                # teacher's top k: cr@k S_k == T_k in order; mor@k the mean of or@k = |S_k & T_k| / k
+                # (the paper's OR@k is per position, MOR@k its mean); set@k S_k and T_k the same set;
+                # kd sparse forward KL, ce cross-entropy, nats/position. A rate is over the positions
+                # where the teacher kept >= k entries (eligible@k), null when there is none.
+    "left_out": {"mor@10"|...: str},   # metrics whose k exceeds cache_k: absent above, with why
     "timing": {"seconds": float, "positions_per_s": float}},
   "html": {"path": str, "bytes": int, "rows": [int]}   # --html
 }"""

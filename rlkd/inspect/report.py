@@ -197,24 +197,29 @@ def stats_table(summary: dict) -> str:
 
 
 def student_table(student: dict) -> str:
-    from rlkd.inspect.student import METRIC_KEYS
+    from rlkd.core.metrics import left_out_note, metric_keys
 
     groups = [x for x in ("response", "all") if student["metrics"].get(x)]
     head = "<tr><th>metric</th>" + "".join(
         f"<th>{x} (n={student['metrics'][x]['positions']:,})</th>" for x in groups) + "</tr>"
     body = []
-    for key in METRIC_KEYS:
+    for key in metric_keys(student["cache_k"]):
         cells = []
         for x in groups:
             v = student["metrics"][x].get(key)
             cells.append("<td>n/a</td>" if v is None else
-                         (f"<td>{v:.4f}</td>" if key == "kd" else f"<td>{100 * v:.2f}%</td>"))
+                         (f"<td>{v:.4f}</td>" if key in ("kd", "ce") else f"<td>{100 * v:.2f}%</td>"))
         body.append(f"<tr><th>{_e(key)}</th>{''.join(cells)}</tr>")
-    return (f'<p>student <code>{_e(student["student"])}</code> over {student["rows"]:,} rows.</p>'
+    note = left_out_note(student["cache_k"])
+    return (f'<p>student <code>{_e(student["student"])}</code> over {student["rows"]:,} rows; kd with the '
+            f'{_e(student["tail"])} tail.</p>'
             f'<table class="stats" id="student-metrics">{head}{"".join(body)}</table>'
-            '<p class="note">CR@k: the student\'s top-k equals the teacher\'s, in order. OR@k: the same top-k set, in '
-            'any order. MOR@k: mean overlap |top-k(S) ∩ top-k(T)| / k. kd: sparse forward KL with the tail bucket '
-            '(nats/position). Rates are over positions where the teacher kept at least k entries.</p>')
+            + (f'<p class="note" id="left-out">{_e(note)}.</p>' if note else "")
+            + '<p class="note">cr@k: the student\'s top-k equals the teacher\'s, in order. or@k (the paper\'s OR@k) is '
+            'the overlap |top-k(S) ∩ top-k(T)| / k of one position, shown per token in the distribution panel; '
+            'mor@k (the paper\'s MOR@k) is its mean over positions. set@k: the same top-k set, in any order '
+            '(or@k = 1). kd: sparse forward KL (nats/position); ce: cross-entropy on the actual next token. Rates '
+            'are over positions where the teacher kept at least k entries.</p>')
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,6 +266,8 @@ def heatmap_rows(rows: list[tuple[int, object]], text, *, vocab_size, threshold,
         if d:
             out[-1].update({"s_p": _sig(d["probs"]), "s_tail": _sig(d["tail"]), "s_top1": d["top1"].tolist(),
                             "kd": _sig(d["kd"], 4)})
+            if d.get("overlap") is not None:
+                out[-1].update({"or_k": d["overlap_k"], "or": _sig(d["overlap"], 4)})
     return out, vocab
 
 
@@ -404,7 +411,7 @@ JS = r"""
     svg.push("</svg>");
     var smeta = S ? "<tr><th>student</th><td>argmax " + esc(show(tokText(r.s_top1[t]))) +
       (r.s_top1[t] === r.topk_ids[start] ? " (agrees)" : " (teacher: " + esc(show(tokText(r.topk_ids[start]))) + ")") +
-      " · sparse KL " + r.kd[t] + "</td></tr>" : "";
+      " · sparse KL " + r.kd[t] + (r.or ? " · or@" + r.or_k + " " + r.or[t] : "") + "</td></tr>" : "";
     box.innerHTML = meta.replace("</table>", smeta + "</table>") + '<p class="note">Teacher top-' + n +
       ' (red: the actual next token) and the tail mass outside them as its own bar' +
       (S ? '; the thin orange bar under each is the student\'s probability of the same token' : "") + ".</p>" +
@@ -430,13 +437,23 @@ JS = r"""
 NO_ROWS_JS = 'document.body.dataset.ready = "1";'
 
 
+_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(data) -> str:
+    """``data`` as JSON that is inert inside a ``<script>`` element: ``<``, ``>`` and ``&`` are written as ``\\u003c``
+    etc. (the same strings to JSON.parse), so tokens like ``</script>``, ``<!--`` or ``<script>`` in a vocabulary
+    cannot end the element or switch the HTML parser into its escaped-script states."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.translate({ord(c): r for c, r in _SCRIPT_UNSAFE.items()})
+
+
 def render_html(summary: dict | None, rows: list[dict], vocab: dict, *, student: dict | None = None,
                 threshold: float, vocab_size: int | None, title: str = "rlkd inspect") -> str:
     """The whole page as one string."""
     has_student = bool(rows) and "s_p" in rows[0]
     data = {"rows": rows, "vocab": vocab, "threshold": threshold, "vocab_size": vocab_size, "student": has_student}
-    # "</" inside a <script> would end it early; "<\/" is the same string to JSON.
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    payload = script_json(data)
     sections = []
     if summary is not None:
         sections.append(f"<section><h2>Cache</h2>{facts_table(summary)}</section>")
@@ -474,6 +491,28 @@ def render_html(summary: dict | None, rows: list[dict], vocab: dict, *, student:
     )
 
 
+class ReportPathError(ValueError):
+    """The ``--html`` path cannot be written."""
+
+
+def html_path_problem(path: str) -> str | None:
+    """Why the report cannot be written to ``path`` (None when it looks writable); checked before the long passes."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        return f"--html {path}: is a folder; give a file path such as {p / 'report.html'}"
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return f"--html {path}: the folder {parent} does not exist; create it or give another path"
+    if p.exists() and not os.access(p, os.W_OK):
+        return f"--html {path}: the file is not writable; give another path"
+    if not p.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"--html {path}: cannot create a file in {parent} (permission denied); give a writable path"
+    return None
+
+
 def write_report(path, summary: dict | None, chosen_rows: list[tuple[int, object]], text, *, student=None,
                  student_details: dict | None = None, vocab_size, threshold: float, title: str) -> int:
     """Write the report to ``path``; returns its size in bytes."""
@@ -484,5 +523,10 @@ def write_report(path, summary: dict | None, chosen_rows: list[tuple[int, object
     data = page.encode("utf-8")
     from pathlib import Path
 
-    Path(path).write_bytes(data)
+    try:
+        Path(path).write_bytes(data)
+    except OSError as e:
+        raise ReportPathError(f"--html {path}: cannot write the report ({e.strerror or e}); give a writable file "
+                              "path") from None
     return len(data)
+

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlkd.core.metrics import TAILS
+
 
 @dataclass
 class InspectOptions:
@@ -39,6 +41,9 @@ class InspectOptions:
     """With --html: rows in the token heatmap, e.g. 0,3,10-12 (default the first 3)."""
     student: str | None = None
     """A student model folder to measure its peak agreement with the teacher (float32 on CPU)."""
+    tail: str | None = None
+    """With --student: the tail mode of its sparse KL, bucket (default) or renormalize, as in train-student, whose
+    evaluation then reports the same numbers."""
     color: str = "auto"
     """Colour in --row: auto (only in a terminal), always, never."""
 
@@ -59,6 +64,16 @@ class InspectOptions:
         if self.row is not None and (self.html is not None or self.student is not None):
             problems.append("--row shows one row in the terminal; it does not combine with --html/--student "
                             "(use --html with --rows to put rows in the report)")
+        if self.tail is not None and self.tail not in TAILS:
+            problems.append(f"--tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.tail is not None and self.student is None:
+            problems.append("--tail sets the tail mode of the student's sparse KL: give --student too")
+        if self.html is not None:
+            from rlkd.inspect.report import html_path_problem
+
+            problem = html_path_problem(self.html)
+            if problem:
+                problems.append(problem)
         if self.color not in ("auto", "always", "never"):
             problems.append(f"--color must be auto, always or never, got {self.color!r}")
         if not (Path(self.cache) / "manifest.json").is_file():
@@ -81,7 +96,7 @@ def run(opts: InspectOptions, *, color: bool = False, progress: bool = False) ->
         reader = CacheReader(opts.cache, shuffle=False)
         tok = view.load_tokenizer(manifest, opts.cache, opts.tokenizer)
         index, row = view.find_row(reader, opts.row)
-        positions = view.parse_positions(opts.positions, row.num_positions)
+        positions = view.parse_positions(opts.positions, row.num_positions, row=index)
         out["row"] = view.row_json(index, row, positions, view.TokenText(tok), vocab_size=V,
                                    threshold=opts.peak_threshold, top=opts.top)
         text.append(view.render_row(out["row"], color=color))
@@ -108,7 +123,7 @@ def run(opts: InspectOptions, *, color: bool = False, progress: bool = False) ->
     if opts.student is not None:
         from rlkd.inspect.student import StudentScorer
 
-        scorer = StudentScorer(opts.student, opts.cache)
+        scorer = StudentScorer(opts.student, opts.cache, tail=opts.tail or "bucket")
         student = scorer.agreement(sample=opts.sample, seed=opts.seed, progress=progress)
         out["student"] = student
         text.append(("\n" if text else "") + view.render_student(student))

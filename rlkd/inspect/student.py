@@ -1,10 +1,10 @@
-"""Peak agreement of a student with the cached teacher: the RLKD paper's CR@k, OR@k, MOR@k, top-1 agreement and
-the sparse KL, computed by the trainer's shared :class:`rlkd.trainer.metrics.PeakMetrics` (never re-implemented
-here), so ``rlkd inspect --student`` and the trainer's evaluation report the same numbers.
+"""A student's peak agreement with the cached teacher: the RLKD paper's CR@k and MOR@k (the mean of the per-position
+overlap OR@k), set@k, top-1 agreement, the sparse KL and CE, all from :func:`rlkd.core.metrics.score`, the function
+the trainer's evaluation calls too, so for the same student, cache and ``--tail`` both report the same numbers.
 
 The student runs in float32 on the CPU (``AutoModelForCausalLM``), one row at a time: row ``r``'s logits at
-position ``t`` (after reading ``input_ids[0..t]``) are compared with the cached teacher top-k at the same ``t``. The
-sparse KL is the trainer's forward KL with the tail bucket (:class:`rlkd.trainer.losses.SparseForwardKL`).
+position ``t`` (after reading ``input_ids[0..t]``) are compared with the cached teacher top-k at the same ``t``.
+Metrics whose k exceeds the cache's k are left out, with the reason (``left_out`` in the JSON).
 """
 
 from __future__ import annotations
@@ -13,50 +13,9 @@ import time
 
 import numpy as np
 
-METRIC_KEYS = ("cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5", "mor@10", "top1_agreement", "kd")
-"""The metrics reported, in display order (keys of :meth:`PeakMetrics.compute`)."""
-
-METRIC_TEACHER_K = {"cr@1": 1, "cr@2": 2, "cr@5": 5, "or@5": 5, "or@10": 10, "mor@5": 5, "mor@10": 10,
-                    "top1_agreement": 1}
-"""How many teacher entries each metric compares: a cache with a smaller k cannot give it."""
-
 
 class AgreementError(ValueError):
-    """The student cannot be compared with this cache (k too small, another vocabulary, no such model)."""
-
-
-def required_k() -> int:
-    return max(METRIC_TEACHER_K.values())
-
-
-def check_cache_k(cache_k: int, cache_dir="the cache") -> None:
-    """Raise :class:`AgreementError` when the cache keeps fewer teacher entries than the metrics compare."""
-    need = {m: k for m, k in METRIC_TEACHER_K.items() if k > cache_k}
-    if need:
-        raise AgreementError(
-            f"{cache_dir} keeps the teacher's top-{cache_k} only, but "
-            + ", ".join(f"{m} compares the top-{k}" for m, k in need.items())
-            + f": the teacher's ranks beyond {cache_k} are unknown, so these metrics cannot be computed. Write the "
-            f"cache with k >= {required_k()} (`rlkd cache-teacher --k {required_k()}` or more).")
-
-
-def row_targets(row, k: int):
-    """The row's cached teacher as (P, k) padded tensors: a :class:`~rlkd.trainer.losses.TeacherTargets`."""
-    import torch
-
-    from rlkd.cache import collate
-    from rlkd.trainer.losses import TeacherTargets
-
-    b = collate([row], k)
-    P = row.num_positions
-    ids = torch.tensor(np.asarray(row.input_ids), dtype=torch.int64)  # copy: reader arrays are read-only
-    return TeacherTargets(
-        topk_ids=b["topk_ids"][0, :P],  # (P, k)
-        topk_logprobs=b["topk_logprobs"][0, :P].float(),  # (P, k)
-        topk_valid=b["topk_valid"][0, :P],  # (P, k)
-        tail_logmass=b["tail_logmass"][0, :P].float(),  # (P,)
-        target_ids=ids[1:],  # (P,)
-    )
+    """The student cannot be compared with this cache (another vocabulary, no such model)."""
 
 
 def choose_rows(reader, sample: int | None, seed: int) -> set[int] | None:
@@ -73,14 +32,16 @@ def choose_rows(reader, sample: int | None, seed: int) -> set[int] | None:
 
 
 def load_student(path, manifest: dict, cache_dir):
-    """The student model (float32, CPU, eval) after checking that it shares the teacher's vocabulary."""
+    """The student model (float32, CPU, eval) after checking that it shares the teacher's vocabulary and that its
+    embedding covers every cached id (the same check as ``rlkd train-student``)."""
     from pathlib import Path
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from rlkd.cache.identity import TokenizerMismatchError, check_tokenizer_compatible
+    from rlkd.core.targets import vocab_problem
 
     if not Path(path).is_dir():
         raise AgreementError(f"--student {path}: no such folder. Give a local model folder (config.json, weights "
@@ -98,48 +59,54 @@ def load_student(path, manifest: dict, cache_dir):
     except TokenizerMismatchError as e:
         raise AgreementError(str(e)) from None
     try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise AgreementError(f"--student {path}: cannot read its config ({type(e).__name__}: {e})") from None
+    problem = vocab_problem(int(config.vocab_size), cache_dir, manifest, who=f"--student {path}",
+                            where=f"the cache {cache_dir}")
+    if problem:
+        raise AgreementError(problem)
+    try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise AgreementError(f"--student {path}: cannot load the model ({type(e).__name__}: {e})") from None
     return model.to("cpu").eval()
 
 
-def agreement_from_logits(pairs, k: int) -> dict:
+def agreement_from_logits(pairs, k: int, tail: str = "bucket") -> dict:
     """Metrics from ``(row, student_logits (P, V))`` pairs: ``{"all": ..., "response": ...}`` (None if empty).
 
-    The seam the tests drive with crafted logits; :func:`student_agreement` feeds it a real model's logits.
+    ``k`` is the cache's k. The seam the tests drive with crafted logits; :func:`student_agreement` feeds it a real
+    model's logits.
     """
     import torch
 
-    from rlkd.trainer.losses import SparseForwardKL, sparse_view
-    from rlkd.trainer.metrics import PeakMetrics
+    from rlkd.core.metrics import PeakMetrics
+    from rlkd.core.targets import collate
 
-    acc = {"all": PeakMetrics(), "response": PeakMetrics()}
-    kl = SparseForwardKL()
+    acc = {"all": PeakMetrics(k, tail), "response": PeakMetrics(k, tail)}
     for row, logits in pairs:
-        targets = row_targets(row, k)
-        logits = torch.as_tensor(logits, dtype=torch.float32)  # (P, V)
-        with torch.no_grad():
-            kd = kl(sparse_view(logits, targets))  # (P,)
-        mask = torch.tensor(np.asarray(row.loss_mask, dtype=bool))  # (P,)
-        acc["all"].update(logits, targets.topk_ids, targets.topk_valid, kd)
-        if mask.any():
-            acc["response"].update(logits[mask], targets.topk_ids[mask], targets.topk_valid[mask], kd[mask])
+        mb = collate([row], k, all_positions=True)  # targets at every scored position
+        scores = acc["all"].update(torch.as_tensor(logits, dtype=torch.float32), mb.targets)  # (P,) each
+        acc["response"].add(scores, mask=mb.trained)
     return {g: (m.compute() if m.positions else None) for g, m in acc.items()}
 
 
 class StudentScorer:
     """A loaded student (float32, CPU) that scores cached rows: agreement metrics over many rows, and per-position
-    details of a few rows for the HTML report. Loads the model once for both."""
+    details of a few rows for the HTML report. Loads the model once for both.
 
-    def __init__(self, student_path, cache_dir):
+    ``tail``: the tail mode of the sparse KL (``bucket`` or ``renormalize``, as ``train-student --tail``).
+    """
+
+    def __init__(self, student_path, cache_dir, tail: str = "bucket"):
         from rlkd.cache import read_manifest
 
         self.path = str(student_path)
         self.cache_dir = cache_dir
+        self.tail = tail
         manifest = read_manifest(cache_dir)
         self.k = int(manifest["k"])
-        check_cache_k(self.k, cache_dir)
         self.model = load_student(student_path, manifest, cache_dir)
 
     def logits(self, row):
@@ -153,6 +120,7 @@ class StudentScorer:
     def agreement(self, *, sample: int | None = None, seed: int = 0, progress: bool = False) -> dict:
         """The ``student`` JSON object (schema in :mod:`rlkd.inspect`) over the cache's rows (or a sample)."""
         from rlkd.cache import CacheReader
+        from rlkd.core.metrics import left_out
 
         reader = CacheReader(self.cache_dir, shuffle=False)
         chosen = choose_rows(reader, sample, seed)
@@ -178,40 +146,51 @@ class StudentScorer:
             if bar is not None:
                 bar.close()
 
-        metrics = agreement_from_logits(pairs(), self.k)
+        metrics = agreement_from_logits(pairs(), self.k, self.tail)
         seconds = time.perf_counter() - t0
         return {
             "student": self.path,
             "rows": scored["rows"],
             "positions": scored["positions"],
             "sample": {"requested": sample, "seed": seed},
+            "tail": self.tail,
+            "cache_k": self.k,
             "metrics": metrics,
+            "left_out": left_out(self.k),
             "timing": {"seconds": seconds, "positions_per_s": scored["positions"] / max(seconds, 1e-9)},
         }
 
     def details(self, row) -> dict[str, np.ndarray]:
         """Per position of one row, for the report: the student's probabilities of the teacher's cached ids
-        (``probs``, flat like ``row.topk_ids``), of everything else (``tail``), its argmax (``top1``) and the sparse
-        KL (``kd``), each from the same code as the metrics."""
+        (``probs``, flat like ``row.topk_ids``), of everything else (``tail``), its argmax (``top1``), the sparse KL
+        (``kd``, with this scorer's tail mode) and the overlap ``or@k`` at the largest overlap k the cache allows
+        (``overlap``, None when it allows none), each from the same code as the metrics."""
         import torch
 
-        from rlkd.trainer.losses import SparseForwardKL, sparse_view
+        from rlkd.core.metrics import PeakMetrics
+        from rlkd.core.sparse import sparse_view
+        from rlkd.core.targets import collate
 
         logits = self.logits(row)  # (P, V)
-        targets = row_targets(row, self.k)
+        targets = collate([row], self.k, all_positions=True).targets
+        peaks = PeakMetrics(self.k, self.tail)
+        scores = peaks.score(logits, targets)
         with torch.no_grad():
-            view = sparse_view(logits, targets)
-            kd = SparseForwardKL()(view)  # (P,)
+            view = sparse_view(logits, targets)  # the student's own probabilities: always the bucket view
         valid = targets.topk_valid.numpy()  # (P, k); valid entries first, in cache order
+        overlap_k = max(peaks.overlap_ks, default=None)
         return {
             "probs": view.student_topk.exp().numpy()[valid],  # (sum counts,) same layout as row.topk_ids
             "tail": view.student_tail.exp().numpy(),  # (P,)
             "top1": logits.argmax(dim=-1).numpy(),  # (P,)
-            "kd": kd.numpy(),  # (P,)
+            "kd": scores["kd"].numpy(),  # (P,)
+            "overlap_k": overlap_k,
+            "overlap": scores[f"or@{overlap_k}"].numpy() if overlap_k else None,  # (P,)
         }
 
 
-def student_agreement(cache_dir, student_path, *, sample: int | None = None, seed: int = 0,
+def student_agreement(cache_dir, student_path, *, sample: int | None = None, seed: int = 0, tail: str = "bucket",
                       progress: bool = False) -> dict:
     """The ``student`` JSON object (schema in :mod:`rlkd.inspect`) for a student over the cache's rows."""
-    return StudentScorer(student_path, cache_dir).agreement(sample=sample, seed=seed, progress=progress)
+    return StudentScorer(student_path, cache_dir, tail).agreement(sample=sample, seed=seed, progress=progress)
+

@@ -1,10 +1,14 @@
 """Terminal views: the summary with histograms, and one row position by position with the teacher's peaks.
 
 Output is plain text when piped (``rlkd inspect ... | less`` or a test capturing it); in a terminal the row view is
-coloured by entropy with ``rich`` (imported only then).
+coloured by entropy with ``rich`` (imported only then). Everything that comes from data (decoded text, tokens, row
+ids, manifest fields) goes through :func:`printable` or :func:`show` first, so a dataset cannot send escape
+sequences to the terminal.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -84,7 +88,24 @@ class TokenText:
 
 def show(s: str) -> str:
     """A token as a quoted, one-line string: spaces stay visible by the quotes, control characters are escaped."""
-    return repr(s)
+    return repr(s)  # repr escapes every non-printable character, C0 and C1 controls included
+
+
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""C0 controls, DEL and C1 controls: ESC starts ANSI/OSC sequences, and a terminal may honour C1's CSI (U+009B)."""
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def printable(s: str, *, multiline: bool = False) -> str:
+    """``s`` safe to print on a terminal: every control character becomes a visible escape (``\\x1b``, ``\\n``),
+    except newline and tab with ``multiline``. Text from a dataset or a cache never reaches the terminal raw."""
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        if multiline and c in "\n\t":
+            return c
+        return _NAMED.get(c, f"\\x{ord(c):02x}")
+
+    return _CONTROLS.sub(escape, s)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,8 +144,9 @@ def find_row(reader, which: str | int):
     return matches[0]
 
 
-def parse_positions(spec: str | None, P: int) -> range:
-    """``A:B`` (Python slice semantics, either side optional, negatives from the end) over the row's P positions."""
+def parse_positions(spec: str | None, P: int, row: int | None = None) -> range:
+    """``A:B`` (Python slice semantics, either side optional, negatives from the end) over the row's P positions;
+    a range that selects no position is an error naming the row's range (``row``: its index, for the message)."""
     if not spec:
         return range(P)
     parts = spec.split(":")
@@ -135,7 +157,12 @@ def parse_positions(spec: str | None, P: int) -> range:
         b = int(parts[1]) if parts[1].strip() else None
     except ValueError:
         raise ValueError(f"--positions {spec!r}: A and B must be integers") from None
-    return range(P)[slice(a, b)]
+    chosen = range(P)[slice(a, b)]
+    if not chosen:
+        which = f"row {row}" if row is not None else "the row"
+        raise ValueError(f"--positions {spec!r} selects no position: {which} has {P} positions (0:{P}, i.e. "
+                         f"0..{P - 1}); give A:B within that range")
+    return chosen
 
 
 def row_json(index: int, row, positions: range, text: TokenText | None, *, vocab_size: int | None,
@@ -189,7 +216,7 @@ def _style(h: float) -> str:
 
 def render_row(view: dict, *, color: bool, width: int | None = None) -> str:
     """The row view as text; with ``color`` as rich-rendered ANSI (entropy colours), else plain."""
-    head = (f"row {view['index']}  row_id {view['row_id']}  source_index {view['source_index']}  "
+    head = (f"row {view['index']}  row_id {printable(str(view['row_id']))}  source_index {view['source_index']}  "
             f"tokens {view['tokens']}  positions {view['positions_shown'][0]}:{view['positions_shown'][1]}")
     legend = ("pos = position t (predicts token t+1); P/R = prompt/response (loss_mask); H = entropy bounds (nats); "
               "* = the actual next token")
@@ -205,7 +232,7 @@ def render_row(view: dict, *, color: bool, width: int | None = None) -> str:
     header = (f"{'pos':>5} {'P/R'} {'next token':>14} {'rank':>6} {'p(next)':>7} {'H>=':>6} {'H<=':>6} {'pk':>3} "
               f"{'tail':>7}  top peaks")
     if not color:
-        out = [head, legend, "", "text:", view["text"] or "", "", header]
+        out = [head, legend, "", "text:", printable(view["text"] or "", multiline=True), "", header]
         out += [line for _, line in lines_plain]
         return "\n".join(out) + "\n"
 
@@ -226,7 +253,8 @@ def render_row(view: dict, *, color: bool, width: int | None = None) -> str:
     tokens_shown = [(p["t"] + 1, p["next_token"]) for p in view["positions"]]
     for tpos, tok in tokens_shown:
         p = by_next[tpos]
-        txt.append(tok, style=_style(p["entropy_lower"]) + (" underline" if p["response"] else ""))
+        txt.append(printable(tok or "", multiline=True),
+                   style=_style(p["entropy_lower"]) + (" underline" if p["response"] else ""))
     console.print(Text("text (coloured by entropy, response underlined):", style="dim"))
     console.print(txt)
     console.print()
@@ -311,7 +339,11 @@ def _fmt_bytes(n: int) -> str:
 
 
 def render_summary(s: dict) -> str:
-    """The summary as plain text with block-character histograms."""
+    """The summary as plain text with block-character histograms (manifest fields escaped by :func:`printable`)."""
+    return printable(_summary_text(s), multiline=True)
+
+
+def _summary_text(s: dict) -> str:
     m = s["manifest"]
     tok = m.get("tokenizer") or {}
     teacher = m.get("teacher") or {}
@@ -372,25 +404,36 @@ def render_summary(s: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+METRIC_HELP = (
+    "cr@k: the student's top-k is the teacher's, in the same order. mor@k: the mean over positions of or@k = "
+    "|top-k(S) ∩ top-k(T)| / k,\n  the paper's OR@k (per position) and MOR@k. set@k: the same top-k set in any "
+    "order (or@k = 1). top1_agreement: the same argmax.\n  kd: sparse forward KL (nats/position) with the tail "
+    "mode shown; ce: the student's cross-entropy on the actual next token.\n  Rates are over positions where the "
+    "teacher kept >= k entries.")
+"""What each metric is, under the student table (text and HTML)."""
+
+
 def render_student(st: dict) -> str:
-    """The student agreement metrics as a small plain-text table."""
-    from rlkd.inspect.student import METRIC_KEYS
+    """The student agreement metrics as a small plain-text table, with the metrics the cache's k leaves out."""
+    from rlkd.core.metrics import left_out_note, metric_keys
 
     lines = [f"student {st['student']} over {st['rows']} rows (positions: "
              + ", ".join(f"{g} {st['metrics'][g]['positions'] if st['metrics'].get(g) else 0}"
-                         for g in ("all", "response")) + ")"]
+                         for g in ("all", "response")) + f"; kd tail: {st['tail']})"]
     groups = [g for g in ("response", "all") if st["metrics"].get(g)]
     lines.append(f"  {'metric':<16}" + "".join(f"{g:>12}" for g in groups))
-    for key in METRIC_KEYS:
+    for key in metric_keys(st["cache_k"]):
         vals = []
         for g in groups:
             v = st["metrics"][g].get(key)
-            vals.append(f"{'n/a':>12}" if v is None else (f"{100 * v:11.2f}%" if key != "kd" else f"{v:12.4f}"))
+            vals.append(f"{'n/a':>12}" if v is None else
+                        (f"{v:12.4f}" if key in ("kd", "ce") else f"{100 * v:11.2f}%"))
         lines.append(f"  {key:<16}" + "".join(vals))
-    lines.append("  CR@k: same top-k tokens in the same order; OR@k: same top-k set, any order; MOR@k: mean "
-                 "|top-k(S) ∩ top-k(T)| / k;\n  top1_agreement: same argmax; kd: sparse forward KL with the tail "
-                 "bucket (nats/position). Rates over positions where the teacher kept >= k entries.")
-    return "\n".join(lines) + "\n"
+    note = left_out_note(st["cache_k"])
+    if note:
+        lines.append(f"  {note}.")
+    lines.append("  " + METRIC_HELP)
+    return printable("\n".join(lines) + "\n", multiline=True)
 
 
 def is_terminal(stream) -> bool:

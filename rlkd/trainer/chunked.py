@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlkd.trainer.losses import LOSS_TERMS, DistillLoss, TeacherTargets
+from rlkd.core.targets import TeacherTargets
+from rlkd.trainer.losses import LOSS_TERMS, DistillLoss
 
 __all__ = ["chunked_distill_loss"]
 
@@ -151,7 +152,7 @@ def chunked_distill_loss(hidden: Tensor, lm_head_weight: Tensor, targets: Teache
 
     Args:
         hidden: (N, H) final hidden states of the N trained positions (after the final norm), in the order of
-            ``targets`` (e.g. ``hidden_states[loss_mask]`` with :meth:`TeacherTargets.from_batch`).
+            ``targets`` (e.g. ``hidden_states[mb.target_mask]`` of a :func:`rlkd.core.targets.collate` batch).
         lm_head_weight: (V, H) output embedding (tied or not); lm_head_bias: optional (V,).
         targets: :class:`TeacherTargets` with N rows.
         loss: the :class:`DistillLoss` that gives per-position terms.

@@ -25,7 +25,6 @@ The teacher is never loaded: its top-k comes from the cache.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -41,15 +40,15 @@ import torch
 import yaml
 
 from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
+from rlkd.core.metrics import PeakMetrics, left_out_note
+from rlkd.core.targets import ModelBatch, vocab_problem
 from rlkd.trainer.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from rlkd.config import ConfigError
 from rlkd.trainer import distributed as dist
 from rlkd.trainer.chunked import chunked_distill_loss
 from rlkd.trainer.config import TrainConfig
-from rlkd.trainer.data import TrainStream, batch_positions, batch_tokens, load_eval_batches, max_cached_id, \
-    to_model_batch
-from rlkd.trainer.losses import DistillLoss
-from rlkd.trainer.metrics import PeakMetrics
+from rlkd.trainer.data import TrainStream, load_eval_batches
+from rlkd.trainer.losses import DistillLoss, RankLoss
 from rlkd.trainer.student import StudentWithHead
 
 LOGGED_TERMS = ("total", "kd", "rank", "ce", "overlap")
@@ -195,17 +194,14 @@ def check_student_fits_cache(cfg: TrainConfig, tokenizer, student_config) -> Non
         manifest = read_manifest(cache_dir)
         where = f"the {'eval ' if i else ''}cache {cache_dir}"
         check_tokenizer_compatible(tokenizer, manifest.get("tokenizer") or {}, where=where)
-        largest = max_cached_id(cache_dir, manifest)
-        if largest >= vocab:
-            raise TrainSetupError(
-                f"the student {cfg.run.student} has a vocabulary of {vocab} ids, but {where} holds token id "
-                f"{largest}: the student's embedding and LM head must cover every cached id. Use a student made from "
-                f"the teacher (`rlkd make-student`) or resize its embeddings to at least {largest + 1}.")
+        problem = vocab_problem(vocab, cache_dir, manifest, who=f"the student {cfg.run.student}", where=where)
+        if problem:
+            raise TrainSetupError(problem)
         cache_k = int(manifest.get("k", 0))
         if (cfg.loss.rank_weight > 0 or cfg.loss.dynamic) and cache_k < cfg.loss.rank_k:
             raise TrainSetupError(
                 f"rank_k={cfg.loss.rank_k} needs a cache with k >= {cfg.loss.rank_k}, but {where} has k={cache_k}: "
-                "lower --rank-k or rebuild the cache with a larger --k")
+                "lower --rank-k or rebuild the cache with a larger `rlkd cache-teacher --top-k`")
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(student_config, attr, None) not in (None, 1.0):
             raise TrainSetupError(
@@ -347,16 +343,16 @@ def _loss_head(targets, loss_fn: DistillLoss, chunk_size: int):
                                                              chunk_size=chunk_size, lm_head_bias=bias)
 
 
-def train_step(run: Run, window: list[dict]) -> dict:
+def train_step(run: Run, window: list[ModelBatch]) -> dict:
     """One optimizer step over a window (every process's micro-batches); returns the logged record (means over the
     window)."""
     t0 = time.perf_counter()
     cfg, ctx = run.cfg, run.ctx
-    n_window = sum(batch_positions(b) for b in window)  # every process holds the whole window: no collective
+    n_window = sum(b.positions for b in window)  # every process holds the whole window: no collective
     share = dist.rank_share(len(window), ctx)  # (index, weight 1, or 0 for a padding pass)
     sums = {k: torch.zeros((), device=run.device, dtype=torch.float64) for k in LOGGED_TERMS}
     for i, (index, w) in enumerate(share):
-        mb = to_model_batch(window[index], run.device)
+        mb = window[index].to(run.device)
         with dist.grad_sync(run.student, ctx, enabled=i == len(share) - 1), _autocast(run.device):
             terms = run.student(mb, _loss_head(mb.targets, run.loss_fn, cfg.loss.chunk_size))
         # The window's mean: FSDP/DDP average gradients over the N processes, hence the factor N.
@@ -374,7 +370,7 @@ def train_step(run: Run, window: list[dict]) -> dict:
     # .item() calls below are a CPU-GPU sync point, once per step
     total = dist.all_sum(torch.stack([sums[k] for k in LOGGED_TERMS]))  # (terms,)
     means = dict(zip(LOGGED_TERMS, (total / n_window).tolist()))
-    tokens = sum(batch_tokens(b) for b in window)
+    tokens = sum(b.tokens for b in window)
     elapsed = time.perf_counter() - t0
     record = {**means, "lr": lr, "grad_norm": dist.as_local_scalar(grad_norm), "tokens": tokens,
               "positions": n_window, "tokens_per_s": tokens / elapsed, "positions_per_s": n_window / elapsed,
@@ -385,48 +381,49 @@ def train_step(run: Run, window: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def evaluate(student: torch.nn.Module, batches: list[dict], loss_cfg, device: torch.device,
+def evaluate(student: torch.nn.Module, batches: list[ModelBatch], loss_cfg, device: torch.device,
              ctx: dist.DistContext | None = None) -> dict:
-    """Sparse KL (forward, with the configured tail), CE, rank loss and the peak metrics over ``batches``.
+    """The peak metrics (:mod:`rlkd.core.metrics`, the same function as ``rlkd inspect --student``), the sparse
+    forward KL with the configured tail as ``eval_kd``, CE as ``eval_ce`` and the rank loss as ``eval_rank``.
 
     ``student`` is a :class:`StudentWithHead` (wrapped or not). The KL here is always the forward sparse KL at
-    temperature 1, whatever the training loss, so runs with different losses compare on one scale. With several
-    processes each evaluates its share of ``batches`` and the sums are added up.
+    temperature 1, whatever the training loss, so runs with different losses compare on one scale. Metrics whose k
+    exceeds the cache's are left out. With several processes each evaluates its share of ``batches`` and the sums
+    are added up.
     """
+    if not batches:
+        return {}
     ctx = ctx or dist.DistContext()
-    eval_cfg = dataclasses.replace(loss_cfg, kd="forward_kl", kd_weight=1.0, temperature=1.0, dynamic=False)
-    loss_fn = DistillLoss(eval_cfg)
-    cache_k = int(batches[0]["topk_ids"].shape[-1]) if batches else 0
-    # The paper's CR@{1,2,5} and OR/MOR@{5,10}, limited to what the cache's k can define.
-    peaks = PeakMetrics(cr_ks=tuple(k for k in (1, 2, 5) if k <= cache_k),
-                        or_ks=tuple(k for k in (5, 10) if k <= cache_k))
-    sums = torch.zeros(4, dtype=torch.float64)  # kd, ce, rank, positions
+    peaks = PeakMetrics(batches[0].targets.k, tail=loss_cfg.tail)
+    rank_loss = RankLoss(loss_cfg.rank_k, loss_cfg.rank_strength) if loss_cfg.rank_weight > 0 else None
+    rank_sum = torch.zeros((), dtype=torch.float64)
 
     def eval_head(targets):
-        def head(hidden, weight, bias):  # hidden (N, H)
-            for start in range(0, len(targets), eval_cfg.chunk_size):
-                end = min(start + eval_cfg.chunk_size, len(targets))
+        def head(hidden, weight, bias):  # hidden (N, H); the LM head in chunks bounds the (chunk, V) logits
+            nonlocal rank_sum
+            for start in range(0, len(targets), loss_cfg.chunk_size):
+                end = min(start + loss_cfg.chunk_size, len(targets))
                 logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()  # (n, V)
                 tgt = targets.slice(start, end)
-                terms = loss_fn(logits, tgt)
-                peaks.update(logits, tgt.topk_ids, tgt.topk_valid, terms["kd"])
-                sums[:3] += torch.stack([terms[k].double().sum().cpu() for k in ("kd", "ce", "rank")])
-                sums[3] += end - start
+                peaks.update(logits, tgt)
+                if rank_loss is not None:
+                    rank_sum += rank_loss(logits, tgt)[0].double().sum().cpu()
         return head
 
     was_training = student.training
     student.eval()
     for index, w in dist.rank_share(len(batches), ctx):
-        mb = to_model_batch(batches[index], device)
+        mb = batches[index].to(device)
         with _autocast(device):
             # A padding pass (w == 0) only keeps the processes' collectives in step.
             student(mb, eval_head(mb.targets) if w else lambda hidden, weight, bias: None)
     student.train(was_training)
-    sums = dist.all_sum(sums.to(device)).cpu()
+    rank_sum = dist.all_sum(rank_sum.to(device)).cpu()
     peaks.all_reduce(device)
-    n = max(int(sums[3]), 1)
-    result = {f"eval_{k}": float(v) / n for k, v in zip(("kd", "ce", "rank"), sums[:3])}
-    result.update({k: v for k, v in peaks.compute().items() if k != "kd"})
+    metrics = peaks.compute()
+    result = {"eval_kd": metrics.pop("kd"), "eval_ce": metrics.pop("ce"),
+              "eval_rank": float(rank_sum) / max(peaks.positions, 1)}
+    result.update(metrics)
     return result
 
 
@@ -440,6 +437,9 @@ def run_eval(run: Run) -> dict:
                                              max_rows=run.cfg.data.eval_max_rows)
         if not run.eval_batches:
             _say(run, "warning: the eval set is empty (eval_fraction too small for this cache?); no evaluation")
+        note = left_out_note(run.eval_reader.k)
+        if note and run.eval_batches:
+            _say(run, f"eval: {note}")  # once per run: the cache's k does not change
     if not run.eval_batches:
         return {}
     result = evaluate(run.student, run.eval_batches, run.cfg.loss, run.device, run.ctx)

@@ -1,49 +1,40 @@
 """Distillation losses from the cached teacher top-k: sparse KL / reverse KL / TVD with a tail bucket, the RLKD
 ranking loss, and cross-entropy on the real next token.
 
-Per scored position the inputs are the student's logits ``z`` (its log-probs ``q = log_softmax(z)``, computed in
-float32, or float64 when given float64), the teacher's cached top-k ids ``I`` (rank order) and log-probs ``a``, and
-the teacher's tail mass ``P_tail = 1 - sum_{i in I} p_i`` (``tail_logmass = log P_tail``). Every module returns one
-value per position, shape ``(N,)``; reduction is the caller's (see :func:`rlkd.trainer.chunked.chunked_distill_loss`).
-
-Tail bucket. With ``tail="bucket"`` (default) each distribution is collapsed to ``|I| + 1`` outcomes: the cached
-tokens and one "everything else" bucket (teacher ``P_tail``, student ``Q_tail = 1 - sum_I e^{q_i}``, computed
-exactly as a log-sum-exp over the uncached logits). Every divergence below is the exact divergence between these
-bucketed distributions. It equals the dense divergence against a teacher that spreads ``P_tail`` uniformly over the
-uncached tokens iff the student's own tail is uniform too, and is a lower bound otherwise (data processing).
-Plain top-k KL without the bucket is biased (Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
-Distillation in LLMs", ACL 2025); DistillKit calls the bucket ``symmetric_uniform``.
-
-``tail="renormalize"``: the teacher is renormalised over ``I`` (zero outside it), DistillKit's ``zero`` mode. The
-forward KL and TVD then compare it with the full-vocabulary student exactly; the reverse KL, which would be
-infinite, also renormalises the student over ``I``.
-
-Temperature ``tau``: the student is ``log_softmax(z / tau)``; the teacher's cached entries are re-tempered exactly
-(``p_i^(1/tau)``, renormalised), but the tail is tempered as ONE bucket, ``P_tail^(1/tau)``, which stands for
-``sum_j p_j^(1/tau)`` over the uncached tokens: an approximation (an upper bound for ``tau < 1``, a lower bound for
-``tau > 1``) since the uncached probabilities are unknown. The kd term is multiplied by ``tau^2`` (Hinton et al.
-2015) so its gradient scale does not change with ``tau``. The rank and CE terms always use ``tau = 1``.
-
-The cached teacher values are renormalised over the ``|I| + 1`` buckets (a no-op for an exact ``fp32`` cache; it
-absorbs the q8 codec's rounding, so every divergence stays >= 0).
+Every module returns one value per position, shape ``(N,)``; reduction is the caller's (see
+:func:`rlkd.trainer.chunked.chunked_distill_loss`). The inputs are the student's logits (N, V) and the cached teacher
+as :class:`~rlkd.core.targets.TeacherTargets`; both are put on the same ``|I| + 1`` outcomes (the cached ids plus a
+tail bucket, or the teacher renormalised over the cached ids with ``tail="renormalize"``) by
+:mod:`rlkd.core.sparse`, which also explains the temperature's approximation of the tail. The kd term is
+multiplied by ``tau^2`` (Hinton et al. 2015) so its gradient scale does not change with ``tau``. The rank and CE
+terms always use ``tau = 1``.
 
 Ranking loss: :class:`RankLoss`; the union and the teacher score of uncached tokens are defined in
 :func:`rank_union`.
 
-Cost: :class:`DistillLoss` reads the (N, V) logits in one fused pass (:func:`vocab_stats`: logsumexp, the exact
-tail logsumexp, every gather) plus one blocked top-k (:func:`top_ids`) for the ranking union, and writes one (N, V)
-gradient; on CPU the whole loss costs less than ``F.cross_entropy`` on the same logits.
+Cost: :class:`DistillLoss` reads the (N, V) logits in one fused pass (:func:`~rlkd.core.sparse.vocab_stats`:
+logsumexp, the exact tail logsumexp, every gather) plus one blocked top-k (:func:`top_ids`) for the ranking union,
+and writes one (N, V) gradient; on CPU the whole loss costs less than ``F.cross_entropy`` on the same logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from rlkd.core.sparse import (
+    SparseView,
+    bucket_view,
+    compute_dtype,
+    forward_kl,
+    sparse_view,
+    vocab_stats,
+    xlogx_ratio,
+)
+from rlkd.core.targets import TeacherTargets
 from rlkd.trainer.softrank import soft_rank
 
 __all__ = [
@@ -55,12 +46,8 @@ __all__ = [
     "SparseForwardKL",
     "SparseReverseKL",
     "SparseTVD",
-    "TeacherTargets",
-    "bucket_view",
     "rank_union",
-    "sparse_view",
     "top_ids",
-    "vocab_stats",
 ]
 
 LOSS_TERMS = ("kd", "rank", "ce", "total", "overlap")
@@ -69,54 +56,6 @@ LOSS_TERMS = ("kd", "rank", "ce", "total", "overlap")
 LOG_FLOOR = -100.0
 """Floor for teacher log-probabilities inside the reverse KL: a teacher tail of exactly 0 (top-k holding all the
 mass) would make it infinite for any student; -100 nats keeps it finite and still dominant."""
-
-
-@dataclass
-class TeacherTargets:
-    """The cached teacher at the ``N`` positions being trained (already flattened with the loss mask)."""
-
-    topk_ids: Tensor
-    """(N, k) int64: teacher top ids in teacher rank order; valid entries first, padding 0."""
-    topk_logprobs: Tensor
-    """(N, k) float32: their log-probabilities at temperature 1, non-increasing; -inf where invalid."""
-    topk_valid: Tensor
-    """(N, k) bool: entry is real (adaptive k keeps fewer than k at some positions)."""
-    tail_logmass: Tensor
-    """(N,) float32: ``log(1 - sum_topk p)``; -inf when the top-k holds all the mass."""
-    target_ids: Tensor
-    """(N,) int64: the actual next token (for the CE term)."""
-
-    def slice(self, start: int, end: int) -> TeacherTargets:
-        """Positions ``start:end`` (views, no copy)."""
-        return TeacherTargets(*(getattr(self, f.name)[start:end] for f in fields(self)))
-
-    def to(self, device) -> TeacherTargets:
-        return TeacherTargets(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
-
-    def __len__(self) -> int:
-        return int(self.topk_ids.shape[0])
-
-    @property
-    def k(self) -> int:
-        return int(self.topk_ids.shape[1])
-
-    @classmethod
-    def from_batch(cls, batch: dict, mask: Tensor | None = None) -> TeacherTargets:
-        """Flatten a :class:`rlkd.cache.CacheReader` batch to the positions where ``mask`` (default the batch's
-        ``loss_mask``) is True, in row-major ``(b, t)`` order: the same order as ``hidden[mask]`` for hidden
-        states of shape (B, T, H), since position ``t`` predicts token ``t + 1``.
-        """
-        mask = batch["loss_mask"] if mask is None else mask  # (B, T) bool
-        input_ids = batch["input_ids"]  # (B, T)
-        next_ids = torch.zeros_like(input_ids)
-        next_ids[:, :-1] = input_ids[:, 1:]  # (B, T): token t+1 is position t's target
-        return cls(
-            topk_ids=batch["topk_ids"][mask],  # (N, k)
-            topk_logprobs=batch["topk_logprobs"][mask].float(),  # (N, k)
-            topk_valid=batch["topk_valid"][mask],  # (N, k)
-            tail_logmass=batch["tail_logmass"][mask].float(),  # (N,)
-            target_ids=next_ids[mask],  # (N,)
-        )
 
 
 @dataclass
@@ -144,7 +83,7 @@ class LossConfig:
     ce_weight: float = 0.0
     """Weight of cross-entropy on the real next token (0 in the paper; always computed and logged)."""
     temperature: float = 1.0
-    """Distillation temperature for the kd term (see the module docstring for the tail approximation)."""
+    """Distillation temperature for the kd term (see :mod:`rlkd.core.sparse` for the tail approximation)."""
     chunk_size: int = 256
     """Positions per chunk of the LM head + loss; bounds the (chunk, vocab) logits kept at once."""
 
@@ -169,150 +108,7 @@ class LossConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared preparation: the bucketed (or renormalised) teacher and student, gathered at the cached ids.
-
-
-@dataclass
-class SparseView:
-    """Both distributions over the cached ids plus the tail bucket, in log space, shape-aligned."""
-
-    student_topk: Tensor
-    """(N, k) student log-probs at the cached ids (0 where invalid)."""
-    student_tail: Tensor
-    """(N,) student log mass outside the valid cached ids (-inf when renormalised)."""
-    teacher_topk: Tensor
-    """(N, k) teacher log-probs, re-tempered and renormalised (0 where invalid)."""
-    teacher_tail: Tensor
-    """(N,) teacher log tail mass (-inf when empty or renormalised)."""
-    valid: Tensor
-    """(N, k) bool."""
-
-
-def _lse_masked(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=dim)
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    # log_softmax in float32 at least (bf16/fp16 logits are upcast); float64 stays float64 for gradcheck.
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-class _VocabStats(torch.autograd.Function):
-    """Everything the losses need from the full-vocabulary logits, in ~3 passes over (N, V) forward and 1 backward.
-
-    forward(z (N, V), cached_ids (N, k), cached_valid (N, k), extra_ids (N, E)) ->
-        lse (N,)        logsumexp over the vocabulary,
-        tail_lse (N,)   logsumexp over the tokens NOT among the valid cached ids (-inf if none),
-        gathered (N, k + E)  z at cached_ids then at extra_ids.
-    The tail is summed directly over the uncached tokens (positive terms, no cancellation; torch's cascade sum keeps
-    the relative error near float32 rounding), never as ``1 - sum_I e^q``, which loses all precision in float32
-    once the student puts ~1 - 1e-7 of its mass on I.
-    Backward: ``dz = (g_lse / S_all) e + (g_tail / S_tail) e [uncached] + scatter(g_gathered)`` with
-    ``e = exp(z - max)`` saved from forward; autograd's generic path (log-softmax, masked copies, one zero-filled
-    (N, V) gradient per gather) made ~25 passes and was the bulk of the loss time on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, cached_ids: Tensor, cached_valid: Tensor, extra_ids: Tensor):
-        m = z.amax(dim=1, keepdim=True)  # (N, 1)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.sub(z, m).exp_()  # (N, V), one buffer
-        # Zero the cached entries in place, sum what is left (the tail, no cancellation), then restore them.
-        # Invalid entries point at the row's first valid id, so every duplicate write is the same value.
-        first = cached_ids.gather(1, cached_valid.float().argmax(dim=1, keepdim=True))  # (N, 1)
-        safe_ids = torch.where(cached_valid, cached_ids, first)  # (N, k)
-        e_cached = e.gather(1, safe_ids)  # (N, k), exact copies of the entries of e
-        e.scatter_(1, safe_ids, 0.0)
-        s_tail = e.sum(dim=1)  # (N,)
-        e.scatter_(1, safe_ids, e_cached)
-        s_cached = torch.where(cached_valid, e_cached, torch.zeros_like(e_cached)).sum(dim=1)  # (N,)
-        no_valid = ~cached_valid.any(dim=1)  # such rows zeroed one real token above: count it back
-        s_tail = s_tail + torch.where(no_valid, e_cached[:, 0], torch.zeros_like(s_tail))
-        s_all = s_tail + s_cached  # (N,)
-        lse = m.squeeze(1) + s_all.log()
-        tail_lse = m.squeeze(1) + s_tail.log()  # -inf when nothing is left
-        gathered = z.gather(1, torch.cat([cached_ids, extra_ids], dim=1))  # (N, k + E)
-        ctx.save_for_backward(e, safe_ids, cached_valid, torch.cat([cached_ids, extra_ids], dim=1),
-                              s_all, s_tail)
-        return lse, tail_lse, gathered
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_lse: Tensor, g_tail: Tensor, g_gathered: Tensor):
-        e, safe_ids, cached_valid, all_ids, s_all, s_tail = ctx.saved_tensors
-        dtype = e.dtype
-        coef_all = g_lse.to(dtype) / s_all  # (N,)
-        coef_tail = torch.where(s_tail > 0, g_tail.to(dtype) / s_tail, torch.zeros_like(s_tail))  # (N,)
-        grad = e * (coef_all + coef_tail)[:, None]  # (N, V)
-        # The cached tokens are not in the tail: take their tail share back (0 for invalid / duplicate entries).
-        e_cached = e.gather(1, safe_ids)  # (N, k)
-        back = torch.where(cached_valid, -coef_tail[:, None] * e_cached, torch.zeros_like(e_cached))
-        grad.scatter_add_(1, safe_ids, back)
-        grad.scatter_add_(1, all_ids, g_gathered.to(dtype))
-        return grad, None, None, None
-
-
-def vocab_stats(z: Tensor, cached_ids: Tensor, cached_valid: Tensor, extra_ids: Tensor | None = None):
-    """(lse (N,), tail_lse (N,), z at cached ids (N, k), z at extra ids (N, E)); see :class:`_VocabStats`."""
-    if extra_ids is None:
-        extra_ids = cached_ids[:, :0]
-    lse, tail_lse, gathered = _VocabStats.apply(z, cached_ids, cached_valid, extra_ids)
-    k = cached_ids.shape[1]
-    return lse, tail_lse, gathered[:, :k], gathered[:, k:]
-
-
-def sparse_view(logits: Tensor, targets: TeacherTargets, temperature: float = 1.0, tail: str = "bucket",
-                renormalize_student: bool = False) -> SparseView:
-    """Gather both distributions on the cached ids and their tail buckets. ``logits`` (N, V), any float dtype."""
-    z = logits.to(_compute_dtype(logits))
-    if temperature != 1.0:
-        z = z / temperature
-    lse, tail_lse, z_cached, _ = vocab_stats(z, targets.topk_ids, targets.topk_valid)
-    return bucket_view(z_cached - lse[:, None], tail_lse - lse, targets, temperature, tail, renormalize_student)
-
-
-def bucket_view(s_topk: Tensor, s_tail: Tensor, targets: TeacherTargets, temperature: float = 1.0,
-                tail: str = "bucket", renormalize_student: bool = False) -> SparseView:
-    """Pair the student's log-probs at the cached ids (N, k) and tail log mass (N,) with the teacher's buckets."""
-    dtype = s_topk.dtype
-    valid = targets.topk_valid  # (N, k)
-    a = targets.topk_logprobs.to(dtype).masked_fill(~valid, float("-inf"))  # (N, k)
-    t_tail = targets.tail_logmass.to(dtype)  # (N,)
-    if tail == "renormalize":
-        t_tail = torch.full_like(t_tail, float("-inf"))
-    elif tail != "bucket":
-        raise ValueError(f"tail must be 'bucket' or 'renormalize', got {tail!r}")
-    if temperature != 1.0:
-        # Exact for the cached entries (p_i^(1/tau)); the tail bucket is tempered as one outcome (approximation).
-        a = a / temperature
-        t_tail = t_tail / temperature
-    log_z = torch.logsumexp(torch.cat([a, t_tail[:, None]], dim=1), dim=1)  # (N,)
-    log_z = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))  # rows with nothing cached
-    a = a - log_z[:, None]
-    t_tail = t_tail - log_z
-
-    if renormalize_student:
-        s_norm = _lse_masked(s_topk, valid)  # (N,)
-        s_norm = torch.where(torch.isfinite(s_norm), s_norm, torch.zeros_like(s_norm))
-        s_topk = s_topk - s_norm[:, None]
-        s_tail = torch.full_like(s_tail, float("-inf"))
-
-    zero = torch.zeros((), dtype=dtype, device=s_topk.device)
-    return SparseView(
-        student_topk=torch.where(valid, s_topk, zero),
-        student_tail=s_tail,
-        teacher_topk=torch.where(valid, a, zero),
-        teacher_tail=t_tail,
-        valid=valid,
-    )
-
-
-def _xlogx_ratio(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """p * (log p - log q) elementwise with 0 * anything = 0 where p = 0 (log_p = -inf)."""
-    p_pos = log_p > float("-inf")
-    safe_p = torch.where(p_pos, log_p, torch.zeros_like(log_p))
-    safe_q = torch.where(p_pos, log_q, torch.zeros_like(log_q))
-    return torch.where(p_pos, safe_p.exp() * (safe_p - safe_q), torch.zeros_like(log_p))
+# Divergences on the sparse view (see rlkd.core.sparse: the cached ids plus the tail bucket).
 
 
 class SparseForwardKL(nn.Module):
@@ -325,9 +121,7 @@ class SparseForwardKL(nn.Module):
     """
 
     def forward(self, v: SparseView) -> Tensor:
-        teacher_lp = v.teacher_topk.masked_fill(~v.valid, float("-inf"))  # (N, k)
-        head = _xlogx_ratio(teacher_lp, v.student_topk).sum(dim=1)  # (N,)
-        return head + _xlogx_ratio(v.teacher_tail, v.student_tail)  # (N,)
+        return forward_kl(v)  # (N,); the metrics report the same function
 
 
 class SparseReverseKL(nn.Module):
@@ -342,8 +136,8 @@ class SparseReverseKL(nn.Module):
     def forward(self, v: SparseView) -> Tensor:
         student_lp = v.student_topk.masked_fill(~v.valid, float("-inf"))  # (N, k)
         teacher_lp = v.teacher_topk.clamp_min(LOG_FLOOR)  # (N, k)
-        head = _xlogx_ratio(student_lp, teacher_lp).sum(dim=1)  # (N,)
-        return head + _xlogx_ratio(v.student_tail, v.teacher_tail.clamp_min(LOG_FLOOR))  # (N,)
+        head = xlogx_ratio(student_lp, teacher_lp).sum(dim=1)  # (N,)
+        return head + xlogx_ratio(v.student_tail, v.teacher_tail.clamp_min(LOG_FLOOR))  # (N,)
 
 
 class SparseTVD(nn.Module):
@@ -369,7 +163,7 @@ class NextTokenCE(nn.Module):
     """
 
     def forward(self, logits: Tensor, target_ids: Tensor, lse: Tensor | None = None) -> Tensor:
-        z = logits.to(_compute_dtype(logits))
+        z = logits.to(compute_dtype(logits))
         if lse is None:
             lse = torch.logsumexp(z, dim=-1)
         return lse - z.gather(1, target_ids[:, None]).squeeze(1)
@@ -490,7 +284,7 @@ class RankLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, targets: TeacherTargets) -> tuple[Tensor, Tensor]:
         ids, mask, teacher_scores, overlap = rank_union(student_logits, targets, self.k)
-        student_scores = student_logits.gather(1, ids).to(_compute_dtype(student_logits))  # (N, 2 k_r)
+        student_scores = student_logits.gather(1, ids).to(compute_dtype(student_logits))  # (N, 2 k_r)
         return self.from_scores(student_scores, teacher_scores, mask, targets.topk_valid.any(dim=1)), overlap
 
     def from_scores(self, student_scores: Tensor, teacher_scores: Tensor, mask: Tensor, has_teacher: Tensor) -> Tensor:
@@ -552,7 +346,7 @@ class DistillLoss(nn.Module):
             raise ValueError(f"student_logits has {n_pos} positions but the teacher targets have {len(targets)}")
         if check:
             self.check_targets(targets, vocab)
-        dtype = _compute_dtype(student_logits)
+        dtype = compute_dtype(student_logits)
         z = student_logits.to(dtype)  # (N, V); a float32 copy only when the logits are bf16/fp16
         zeros = torch.zeros(n_pos, dtype=dtype, device=student_logits.device)
         valid = targets.topk_valid

@@ -14,14 +14,15 @@ from typing import Callable
 
 import torch
 
-from rlkd.trainer.data import ModelBatch
+from rlkd.core.targets import ModelBatch
 
 
 def student_hidden(model: torch.nn.Module, mb: ModelBatch) -> torch.Tensor:
-    """(N, H) final hidden states of ``model`` (an HF causal LM) at the trained positions, after the final norm."""
+    """(N, H) final hidden states of ``model`` (an HF causal LM) at the batch's target positions (the trained ones,
+    in training), after the final norm."""
     base = model.get_decoder()
     hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).last_hidden_state
-    return hidden[mb.loss_mask]  # (B, T, H) -> (N, H), row-major like the targets
+    return hidden[mb.target_mask]  # (B, T, H) -> (N, H), row-major like the targets
 
 
 class StudentWithHead(torch.nn.Module):
