@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from rlkd.config import ConfigError, build_config
-from rlkd.trainer.losses import DistillLoss, LossConfig, TeacherTargets, rank_union, top_ids, vocab_stats
+from rlkd.core.sparse import vocab_stats
+from rlkd.core.targets import TeacherTargets
+from rlkd.trainer.losses import DistillLoss, LossConfig, rank_union, top_ids
 from rlkd.trainer.softrank import soft_rank
 from tests.test_softrank import isotonic_soft_rank
 
@@ -388,22 +390,3 @@ def test_no_positions():
     out = DistillLoss(LossConfig(ce_weight=1.0))(torch.zeros(0, V, requires_grad=True), tg)
     assert all(v.shape == (0,) for v in out.values())
     assert out["total"].sum() == 0
-
-
-def test_teacher_targets_from_batch_alignment():
-    # Two rows, T = 4; loss_mask selects (0, 1), (0, 2), (1, 0). Position t predicts input_ids[t + 1].
-    input_ids = torch.tensor([[10, 11, 12, 13], [20, 21, 0, 0]])
-    loss_mask = torch.tensor([[False, True, True, False], [True, False, False, False]])
-    k = 2
-    topk_ids = torch.arange(2 * 4 * k).reshape(2, 4, k)
-    batch = {
-        "input_ids": input_ids, "loss_mask": loss_mask, "topk_ids": topk_ids,
-        "topk_logprobs": -topk_ids.float(), "topk_valid": torch.ones(2, 4, k, dtype=torch.bool),
-        "tail_logmass": -torch.arange(8.0).reshape(2, 4),
-    }
-    tg = TeacherTargets.from_batch(batch)
-    assert tg.target_ids.tolist() == [12, 13, 21]
-    assert tg.topk_ids.tolist() == [[2, 3], [4, 5], [8, 9]]
-    assert tg.tail_logmass.tolist() == [-1.0, -2.0, -4.0]
-    assert len(tg) == 3 and tg.k == 2
-    assert tg.slice(1, 3).target_ids.tolist() == [13, 21]

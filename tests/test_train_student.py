@@ -25,7 +25,8 @@ from rlkd.trainer import loop
 from rlkd.trainer.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from rlkd.trainer.config import SECTIONS, build_train_config
 from rlkd.trainer.data import TrainStream, is_eval_row, load_eval_batches
-from rlkd.trainer.losses import DistillLoss, TeacherTargets
+from rlkd.core.targets import TeacherTargets
+from rlkd.trainer.losses import DistillLoss
 from tests import tiny
 from tests.cache_from_model import write_cache_from_model
 
@@ -98,7 +99,7 @@ def test_train_stream_resumes_exactly_and_never_yields_eval_rows(cache_dir):
     def stream():
         return TrainStream(CacheReader(cache_dir, batch_size=3, seed=5, shuffle_buffer=16), **kw)
 
-    full = [b["row_id"] for b in stream()]
+    full = [b.row_ids for b in stream()]
     all_ids = [r.row_id for r in CacheReader(cache_dir).iter_rows()]
     held_out = {i for i in all_ids if is_eval_row(i, 0.2)}
     assert 0 < len(held_out) < len(all_ids)
@@ -114,13 +115,13 @@ def test_train_stream_resumes_exactly_and_never_yields_eval_rows(cache_dir):
         state = json.loads(json.dumps(s.state_dict()))  # must be JSON-safe
         resumed = stream()
         resumed.load_state_dict(state)
-        assert [b["row_id"] for b in resumed] == full[cut:], f"resume after batch {cut} diverged"
+        assert [b.row_ids for b in resumed] == full[cut:], f"resume after batch {cut} diverged"
 
 
 def test_eval_batches_hold_exactly_the_held_out_rows(cache_dir):
     reader = CacheReader(cache_dir, batch_size=4, shuffle=False)
     batches = load_eval_batches(reader, batch_size=4, eval_fraction=0.25, max_rows=1000)
-    got = sorted(i for b in batches for i in b["row_id"])
+    got = sorted(i for b in batches for i in b.row_ids)
     expected = sorted(r.row_id for r in CacheReader(cache_dir).iter_rows() if is_eval_row(r.row_id, 0.25))
     assert got == expected and len(got) > 0
 
@@ -135,7 +136,7 @@ def test_loss_falls_eval_is_held_out_and_final_loads(cache_dir, tiny_student_dir
 
     def spy(run, window):
         for b in window:
-            trained_rows.update(b["row_id"])
+            trained_rows.update(b.row_ids)
         return real_step(run, window)
 
     monkeypatch.setattr(loop, "train_step", spy)
@@ -155,7 +156,7 @@ def test_loss_falls_eval_is_held_out_and_final_loads(cache_dir, tiny_student_dir
 
     # evaluation: at steps 15 and 30, every metric present, only held-out rows, none of them trained on
     assert [e["step"] for e in evals] == [15, 30]
-    for key in ("eval_kd", "eval_ce", "top1_agreement", "cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5", "mor@10"):
+    for key in ("eval_kd", "eval_ce", "top1_agreement", "cr@1", "cr@2", "cr@5", "set@5", "set@10", "mor@5", "mor@10"):
         assert isinstance(evals[-1][key], float), key
     all_ids = [r.row_id for r in CacheReader(cache_dir).iter_rows()]
     eval_ids = {i for i in all_ids if is_eval_row(i, 0.25)}
@@ -178,9 +179,9 @@ def test_loss_falls_eval_is_held_out_and_final_loads(cache_dir, tiny_student_dir
     kd_sum, top1_hits, n = 0.0, 0, 0
     with torch.no_grad():
         for b in load_eval_batches(reader, batch_size=4, eval_fraction=0.25, max_rows=10**6):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long()).logits
-            mask = b["loss_mask"]
-            targets = TeacherTargets.from_batch(b)
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            mask = b.target_mask
+            targets = b.targets
             kd_sum += float(DistillLoss(eval_cfg)(logits[mask], targets)["kd"].double().sum())
             top1_hits += int((logits[mask].argmax(-1) == targets.topk_ids[:, 0]).sum())
             n += int(mask.sum())
@@ -207,9 +208,9 @@ def test_logged_loss_and_grad_norm_equal_independent_recompute_under_accumulatio
     model = AutoModelForCausalLM.from_pretrained(str(tiny_student_dir), dtype=torch.float32)
     logits, targets = [], []
     for b in window:  # plain forward: full (B, T, V) logits, no chunking, no accumulation
-        z = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long()).logits
-        logits.append(z[b["loss_mask"]])
-        targets.append(TeacherTargets.from_batch(b))
+        z = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        logits.append(z[b.target_mask])
+        targets.append(b.targets)
     cat = TeacherTargets(*(torch.cat([getattr(t, f) for t in targets]) for f in
                            ("topk_ids", "topk_logprobs", "topk_valid", "tail_logmass", "target_ids")))
     terms = DistillLoss(cfg.loss)(torch.cat(logits), cat)

@@ -76,16 +76,20 @@ def left_out_note(cache_k: int) -> str | None:
 
 def peak_agreement(student_topk: Tensor, teacher_ids: Tensor, teacher_valid: Tensor, k: int) -> dict[str, Tensor]:
     """Per-position agreement at one ``k``, each value (N,): ``cr`` and ``set`` bool, ``or`` the overlap fraction
-    ``|S_k & T_k| / k`` (float32), ``eligible`` bool (the teacher kept at least ``k`` entries).
+    ``|S_k & T_k| / k`` (float32; NaN where not eligible), ``eligible`` bool (the teacher kept at least ``k``
+    entries; where it did not, ``T_k`` is undefined and ``cr``/``set`` are False but meaningless).
 
     student_topk (N, >=k) int64 in the student's rank order; teacher_ids / teacher_valid (N, >=k), valid first.
     """
+    import torch
+
     s = student_topk[:, :k]  # (N, k)
     t = teacher_ids[:, :k]  # (N, k)
     eligible = teacher_valid[:, :k].all(dim=1)  # (N,)
     # |S_k & T_k|: ids are distinct within each side, so counting matching pairs counts common tokens.
     common = (s[:, :, None] == t[:, None, :]).any(dim=2).sum(dim=1)  # (N,)
-    return {"cr": (s == t).all(dim=1), "or": common.float() / k, "set": common == k, "eligible": eligible}
+    overlap = torch.where(eligible, common.float() / k, torch.full_like(common, float("nan"), dtype=torch.float32))
+    return {"cr": (s == t).all(dim=1), "or": overlap, "set": common == k, "eligible": eligible}
 
 
 def score(logits: Tensor, targets: TeacherTargets, *, tail: str = "bucket", cr_ks: tuple[int, ...] = CR_KS,
