@@ -360,7 +360,7 @@ def _ranked_logits(order, V):
 
 
 def test_agreement_on_crafted_rows(tmp_path, tiny_tokenizer_dir):
-    """CR@k / OR@k / MOR@k through the cache and inspect's wiring, against values computed by hand."""
+    """CR@k / set@k / MOR@k through the cache and inspect's wiring, against values computed by hand."""
     import torch
 
     from rlkd.inspect.student import agreement_from_logits
@@ -390,10 +390,10 @@ def test_agreement_on_crafted_rows(tmp_path, tiny_tokenizer_dir):
     a, r = m["all"], m["response"]
     assert a["positions"] == 4 and r["positions"] == 2
     assert a["cr@1"] == pytest.approx(3 / 4) and a["cr@2"] == pytest.approx(2 / 4)
-    assert a["cr@5"] == pytest.approx(2 / 4) and a["or@5"] == pytest.approx(3 / 4) and a["or@10"] == 1.0
+    assert a["cr@5"] == pytest.approx(2 / 4) and a["set@5"] == pytest.approx(3 / 4) and a["set@10"] == 1.0
     assert a["mor@5"] == pytest.approx((1 + 1 + 0.8 + 1) / 4) and a["mor@10"] == 1.0
     assert a["top1_agreement"] == pytest.approx(3 / 4)
-    assert r["cr@1"] == pytest.approx(1 / 2) and r["or@5"] == pytest.approx(1 / 2)
+    assert r["cr@1"] == pytest.approx(1 / 2) and r["set@5"] == pytest.approx(1 / 2)
     assert r["mor@5"] == pytest.approx(0.9) and r["cr@2"] == pytest.approx(1 / 2)
     # kd: forward KL(teacher || student) over the 12 cached ids plus one tail bucket, by hand.
     q = student - np.logaddexp.reduce(student, axis=1, keepdims=True)  # (4, V)
@@ -405,22 +405,26 @@ def test_agreement_on_crafted_rows(tmp_path, tiny_tokenizer_dir):
     assert a["kd"] == pytest.approx(kd.mean(), rel=1e-4) and r["kd"] == pytest.approx(kd[2:].mean(), rel=1e-4)
 
 
-def test_k_larger_than_the_cache_is_a_clear_error(tmp_path, tiny_tokenizer_dir, tiny_student_dir):
-    import torch
-
-    from rlkd.inspect.student import agreement_from_logits
-
+def test_k8_cache_reports_what_it_can_and_says_why_not_the_rest(tmp_path, tiny_tokenizer_dir, tiny_student_dir):
+    """#13 item 8: a k=8 cache gives CR@1/2/5, MOR@5 and set@5, and the output says why the @10 metrics are left out."""
     cache, rows = build_cache(tmp_path / "c", tiny_tokenizer_dir, n_rows=3, k=8, codec="fp32")
+    res = CliRunner().invoke(main, ["inspect", str(cache), "--student", str(tiny_student_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    st = json.loads(res.stdout)["student"]
+    got = st["metrics"]["all"]
+    for key in ("cr@1", "cr@2", "cr@5", "mor@5", "set@5", "top1_agreement", "kd", "ce"):
+        assert isinstance(got[key], float), key
+    assert not [key for key in got if "@10" in key]
+    assert set(st["left_out"]) == {"mor@10", "set@10"} and "top-8" in st["left_out"]["mor@10"]
     res = CliRunner().invoke(main, ["inspect", str(cache), "--student", str(tiny_student_dir)])
-    assert res.exit_code != 0
-    assert "top-8" in res.output and "or@10 compares the top-10" in res.output and "k >= 10" in res.output
-    with pytest.raises(ValueError, match="exceeds the cache's k=8"):
-        agreement_from_logits([(rows[0], torch.zeros(rows[0].num_positions, 512))], 8)
+    assert res.exit_code == 0, res.output
+    assert "mor@5" in res.output and "mor@10" in res.output.split("left out")[1]
+    assert "left out mor@10, set@10" in res.output and "--top-k 10" in res.output
 
 
 def reference_agreement(rows, logits_per_row):
-    """Independent numpy CR/OR/MOR/top-1 over all positions (full k everywhere), stable-sorted student ranks."""
-    hits = {key: [] for key in ("cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5", "mor@10")}
+    """Independent numpy CR/set/MOR/top-1 over all positions (full k everywhere), stable-sorted student ranks."""
+    hits = {key: [] for key in ("cr@1", "cr@2", "cr@5", "set@5", "set@10", "mor@5", "mor@10")}
     for row, z in zip(rows, logits_per_row):
         k = int(row.topk_count[0])
         tids = np.asarray(row.topk_ids).reshape(-1, k)
@@ -430,7 +434,7 @@ def reference_agreement(rows, logits_per_row):
                 hits[f"cr@{kk}"].append(list(s[:kk]) == list(tids[t, :kk]))
             for kk in (5, 10):
                 common = len(set(s[:kk]) & set(tids[t, :kk]))
-                hits[f"or@{kk}"].append(common == kk)
+                hits[f"set@{kk}"].append(common == kk)
                 hits[f"mor@{kk}"].append(common / kk)
     return {key: float(np.mean(v)) for key, v in hits.items()}
 
@@ -460,7 +464,7 @@ def test_student_against_a_plain_forward(q8_cache, tiny_student_dir, tiny_tokeni
     # Text form: a table with every metric.
     res = CliRunner().invoke(main, ["inspect", str(cache), "--student", str(tiny_student_dir), "--sample", "60"])
     assert res.exit_code == 0, res.output
-    for key in ("cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5", "mor@10", "top1_agreement", "kd"):
+    for key in ("cr@1", "cr@2", "cr@5", "set@5", "set@10", "mor@5", "mor@10", "top1_agreement", "kd", "ce"):
         assert key in res.output
 
 

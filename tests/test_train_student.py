@@ -416,3 +416,19 @@ def test_epochs_eval_cache_checkpointing_and_tensorboard(cache_dir, tiny_teacher
                     scheduler=torch.optim.lr_scheduler.LambdaLR(used_opt, lambda s: 1.0), trainer_state={})
     with pytest.raises(loop.TrainSetupError, match="--resume auto"):
         loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "used", **common))
+
+
+def test_eval_on_a_small_k_cache_leaves_out_what_it_cannot_define_and_says_so_once(tiny_teacher_dir,
+                                                                                    tiny_student_dir, tmp_path,
+                                                                                    capsys):
+    cache = write_cache_from_model(tiny_teacher_dir, tmp_path / "k8", n_rows=16, k=8, seed=2)
+    out = tmp_path / "run"
+    loop.train_student(make_cfg(tiny_student_dir, cache, out, max_steps=2, batch_size=4, eval_fraction=0.3,
+                                eval_every=1, save_every=0, rank_k=4))
+    _, evals = read_metrics(out)
+    assert [e["step"] for e in evals] == [1, 2]
+    for e in evals:
+        assert all(isinstance(e[key], float) for key in ("cr@1", "cr@2", "cr@5", "mor@5", "set@5", "eval_kd"))
+        assert not [key for key in e if "@10" in key]
+    err = capsys.readouterr().err
+    assert err.count("left out mor@10, set@10") == 1 and "--top-k 10" in err
