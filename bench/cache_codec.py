@@ -23,8 +23,8 @@ Definitions printed:
   KL err       mean over positions of KL(p || q) between the renormalised top-k of the exact (float32) log-probs p
                and of the decoded ones q.
   max err      max |decoded - exact| over entries within 15.8 nat of their top-1 (q8 cannot saturate there).
-  write/read   positions per CPU-second (process time, so other load on the machine does not count), one thread: CacheWriter.write of all rows; CacheReader full pass into padded torch
-               batches (batch 8, no shuffle); "decode" = iter_rows (unpadded numpy).
+  write/read   positions per CPU-second (process time, so other load on the machine does not count), one thread: CacheWriter.write of all rows; CacheReader full pass, each batch padded
+               by rlkd.core.targets.collate (batch 8, no shuffle); "decode" = iter_rows (unpadded numpy).
 
 Run: python bench/cache_codec.py [--rows 200] [--json out.json]
 """
@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from rlkd.cache import CacheReader, CacheWriter, TeacherRow, adaptive_counts, make_row_id  # noqa: E402
 from rlkd.cache.codec import encode_q8  # noqa: E402
+from rlkd.core.targets import collate  # noqa: E402
 
 DEFAULT_TEACHER = Path.home() / ".cache/rlkd/teachers/SmolLM2-135M-Instruct"
 DEFAULT_DOLLY = REPO.parent / "shared/data/dolly/dev.jsonl"
@@ -310,8 +311,8 @@ def run_codec(rows: list[TeacherRow], k: int, codec: str, workdir: Path, meta: d
     decoded = list(CacheReader(out, shuffle=False).iter_rows())
     t_decode = time.process_time() - t0
     t0 = time.process_time()
-    for _ in CacheReader(out, batch_size=8, shuffle=False):
-        pass
+    for rows in CacheReader(out, batch_size=8, shuffle=False):
+        collate(rows, k)  # padded model inputs + targets, what the trainer gets
     t_read = time.process_time() - t0
     return {"codec": codec, "k": k, "positions": positions, "bytes": size, "B_per_pos": size / positions,
             "columns_B_per_pos": {c: b / positions for c, b in column_bytes(out).items()},

@@ -26,7 +26,8 @@ Measures (CPU by default; ``--device cuda`` for bf16 on a GPU):
    Goals: chunked <= 0.5 x naive and <= 1.2 x chunked CE-only, without and with gradient checkpointing of the
    student's layers (``--mem-gradient-checkpointing off|on|both``, default both; the headline is the worse).
    ``--chunk-size`` sets the positions per chunk: the head's tensors grow with chunk_size x V.
-3. **Reader rate**: positions/s the CacheReader decodes vs positions/s the trainer consumes. Goal >= 20x.
+3. **Reader rate**: positions/s the CacheReader decodes and :func:`rlkd.core.targets.collate` pads into batches vs
+   positions/s the trainer consumes. Goal >= 20x.
 
 Inputs: the SmolLM2-135M-Instruct teacher (``rlkd convert-teacher``, default ``~/.cache/rlkd/teachers/...``), a
 student made from it by keeping 6 of its 30 layers (``--student``, or made here with
@@ -41,6 +42,7 @@ Step times on a shared CPU are noisy: read the per-round times in the JSON besid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -60,8 +62,8 @@ from rlkd.cache import (CacheReader, CacheWriter, TeacherRow, make_row_id, read_
 from rlkd.trainer import loop  # noqa: E402
 from rlkd.trainer.chunked import chunked_distill_loss  # noqa: E402
 from rlkd.trainer.config import build_train_config  # noqa: E402
-from rlkd.trainer.data import to_model_batch  # noqa: E402
-from rlkd.trainer.losses import DistillLoss, LossConfig, TeacherTargets  # noqa: E402
+from rlkd.core.targets import ModelBatch, TeacherTargets, collate  # noqa: E402
+from rlkd.trainer.losses import DistillLoss, LossConfig  # noqa: E402
 
 DEFAULT_TEACHER = Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser()
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"
@@ -153,12 +155,13 @@ def make_run(model, loss_cfg: LossConfig, device: torch.device, lr: float = 1e-5
                     total_steps=1000, eval_reader=None)
 
 
-def hf_ce_step(run: loop.Run, window: list[dict]) -> None:
+def hf_ce_step(run: loop.Run, window: list[ModelBatch]) -> None:
     """Plain fine-tuning: full logits and transformers' own shifted cross-entropy."""
     for b in window:
-        mb = to_model_batch(b, run.device)
+        mb = b.to(run.device)
+        trained = mb.target_mask[:, :-1]  # (B, T - 1): position t trains token t+1
         labels = torch.full_like(mb.input_ids, -100)
-        labels[:, 1:][mb.loss_mask[:, :-1]] = mb.input_ids[:, 1:][mb.loss_mask[:, :-1]]  # token t+1 at t+1
+        labels[:, 1:][trained] = mb.input_ids[:, 1:][trained]  # token t+1 at t+1
         with loop._autocast(run.device):
             out = run.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels)
         (out.loss / len(window)).backward()
@@ -167,20 +170,17 @@ def hf_ce_step(run: loop.Run, window: list[dict]) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def online_kd_step(run: loop.Run, teacher, window: list[dict], k: int) -> None:
+def online_kd_step(run: loop.Run, teacher, window: list[ModelBatch], k: int) -> None:
     """Online KD: run the teacher on the batch, take its top-k and tail on the fly, then the same student step."""
     fresh = []
     for b in window:
-        b = dict(b)
         with torch.no_grad(), loop._autocast(run.device):
-            logits = teacher(input_ids=b["input_ids"].to(run.device),
-                             attention_mask=b["attention_mask"].long().to(run.device)).logits  # (B, T, V)
-        ids, lp, tail, _ = teacher_targets_from_logits(logits.flatten(0, 1), k)
-        B, T = b["input_ids"].shape
-        b["topk_ids"], b["topk_logprobs"] = ids.view(B, T, k).cpu(), lp.view(B, T, k).cpu()
-        b["topk_valid"] = torch.ones(B, T, k, dtype=torch.bool)
-        b["tail_logmass"] = tail.view(B, T).cpu()
-        fresh.append(b)
+            logits = teacher(input_ids=b.input_ids.to(run.device),
+                             attention_mask=b.attention_mask.to(run.device)).logits  # (B, T, V)
+        ids, lp, tail, _ = teacher_targets_from_logits(logits[b.target_mask.to(run.device)], k)  # (N, k), (N,)
+        targets = TeacherTargets(ids.cpu(), lp.cpu(), torch.ones(len(ids), k, dtype=torch.bool), tail.cpu(),
+                                 b.targets.target_ids)
+        fresh.append(dataclasses.replace(b, targets=targets))
     loop.train_step(run, fresh)
 
 
@@ -206,7 +206,7 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
     model.config.use_cache = False
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).to(device).eval()
     reader = CacheReader(cache, batch_size=batch_size, shuffle=True, seed=0)
-    available = list(reader)
+    available = [collate(rows, reader.k) for rows in reader]
     batches = [available[i % len(available)] for i in range(steps + 1)]  # reuse batches of a small cache
     runs = {
         "kd_rank": make_run(model, LossConfig(), device),
@@ -245,8 +245,8 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
         ratios. Pairing cancels what changes between rounds (batch length, load on a shared host)."""
         return statistics.median(x / y for x, y in zip(t[a], t[b]))
 
-    positions = statistics.mean(int(b["attention_mask"].sum() - b["attention_mask"].shape[0]) for b in batches[1:])
-    trained = statistics.mean(int(b["loss_mask"].sum()) for b in batches[1:])
+    positions = statistics.mean(b.tokens - b.input_ids.shape[0] for b in batches[1:])
+    trained = statistics.mean(b.positions for b in batches[1:])
     return {
         "median_step_s": med,
         "all_step_s": times,
@@ -268,8 +268,9 @@ def reader_rate(cache: Path, batch_size: int, min_seconds: float = 3.0) -> dict:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < min_seconds:
         reader.set_epoch(epoch)
-        for b in reader:
-            positions += int(b["attention_mask"].sum() - b["attention_mask"].shape[0])
+        for rows in reader:  # read, decode and pad: what the trainer gets per batch
+            b = collate(rows, reader.k)
+            positions += b.tokens - b.input_ids.shape[0]
         epoch += 1
     elapsed = time.perf_counter() - t0
     return {"reader_positions_per_s": positions / elapsed, "epochs_read": epoch}
