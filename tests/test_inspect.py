@@ -344,6 +344,46 @@ def test_row_view_colour_and_errors(q8_cache, tmp_path, tiny_tokenizer_dir):
     assert res.exit_code == 0, res.output
 
 
+HOSTILE = "Set the title\x1b]0;pwned\x07 then clear\x1b[2J and a C1 CSI \x9b31m and DEL\x7f."
+"""Dataset text with an OSC title sequence (ESC ] 0 ; ... BEL), an ANSI clear screen, a C1 CSI and DEL."""
+
+
+def test_text_from_data_never_reaches_the_terminal_raw(tmp_path, tiny_tokenizer_dir):
+    """#13 item 9: control characters in a row's text, its tokens and the manifest are escaped in every view."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    ids = np.array(tok(HOSTILE, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    assert tok.decode(ids.tolist()) == HOSTILE
+    rng = np.random.default_rng(0)
+    row = row_from_logprobs(full_logprobs(rng, len(ids) - 1, len(tok)), ids, 0, 8,
+                            loss_mask=np.arange(len(ids) - 1) >= 3)
+    meta = {"teacher": {"name_or_path": "evil\x1b]0;teacher\x07", "vocab_size": len(tok)},
+            "tokenizer": tokenizer_identity(tok), "dataset": {"name": "evil\x1b[2Jdata\x9b"}, "config": {},
+            "logprobs_mode": "raw_logprobs", "temperature": 1.0, "engine": "numpy"}
+    with CacheWriter(tmp_path / "c", meta, k=8, codec="fp32") as w:
+        w.write(row)
+    raw = ("\x1b", "\x07", "\x9b", "\x7f")
+    runner = CliRunner()
+    for args in (["--row", "0"], ["--row", "0", "--color", "always"], ["--row", "0", "--json"], [], ["--json"]):
+        res = runner.invoke(main, ["inspect", str(tmp_path / "c"), *args])
+        assert res.exit_code == 0, res.output
+        out = res.output
+        if "--color" in args:
+            out = __import__("re").sub(r"\x1b\[[0-9;]*m", "", out)  # rich's own colour codes (SGR) are fine
+        assert not [c for c in raw if c in out], (args, out[:400])
+        if "--json" in args:  # lossless: the parsed JSON holds the original characters
+            obj = json.loads(res.stdout)
+            if "row" in obj:
+                assert obj["row"]["text"] == HOSTILE
+            else:
+                assert obj["summary"]["manifest"]["dataset"]["name"] == "evil\x1b[2Jdata\x9b"
+        elif args:
+            assert "\\x1b]0;pwned\\x07" in out  # shown, visibly escaped
+    plain = runner.invoke(main, ["inspect", str(tmp_path / "c")]).output
+    assert "evil\\x1b]0;teacher\\x07" in plain
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Student agreement
 
