@@ -289,3 +289,57 @@ def test_the_error_check_can_fail(browser):
     cdp.drain(0.3)
     errors = page_errors(cdp.events)
     assert any("boom" in e for e in errors) and any("nosuchfn" in e for e in errors), errors
+
+
+HTML_LIKE = ["<!--", "<script>", "</script>", "<b>", "&amp;"]
+"""Tokens that, written raw into the page's embedded JSON, switch the HTML parser into its escaped-script states:
+after ``<!--`` and ``<script>`` the real ``</script>`` no longer ends the data element, so the page never becomes
+ready. (Ids are assigned in this order, so no ``-->`` comes after them to undo it.)"""
+
+
+def test_report_survives_html_like_tokens_in_chromium(browser, tmp_path, tiny_tokenizer_dir):
+    """#13 item 10: a tokenizer with `<!--` and `<script>` tokens; the report loads and shows them as text."""
+    from transformers import AutoTokenizer
+
+    from rlkd.cache import CacheWriter, tokenizer_identity
+    from rlkd.cli import main
+    from tests.cache_helpers import full_logprobs, row_from_logprobs
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.add_tokens(HTML_LIKE)
+    tok_dir = tmp_path / "tok"
+    tok.save_pretrained(str(tok_dir))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    special = tok.convert_tokens_to_ids(HTML_LIKE)
+    assert [tok.decode([i]) for i in special] == HTML_LIKE
+    ids = np.array(special + tok(" plain words", add_special_tokens=False)["input_ids"] + special[::-1], np.int32)
+    rng = np.random.default_rng(1)
+    lp = full_logprobs(rng, len(ids) - 1, len(tok))
+    lp[:, special] += 30.0  # the teacher's top-k holds the HTML-like tokens too
+    lp -= np.logaddexp.reduce(lp, axis=1, keepdims=True)
+    row = row_from_logprobs(lp, ids, 0, 8)
+    meta = {"teacher": {"name_or_path": str(tok_dir), "vocab_size": len(tok)}, "tokenizer": tokenizer_identity(tok),
+            "dataset": {"name": "</script><script>alert(1)</script>"}, "config": {},
+            "logprobs_mode": "raw_logprobs", "temperature": 1.0, "engine": "numpy"}
+    with CacheWriter(tmp_path / "c", meta, k=8, codec="fp32") as w:
+        w.write(row)
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "c"), "--html", str(out), "--rows", "0"])
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    data = page.split('<script type="application/json" id="rlkd-data">')[1].split("</script>")[0]
+    assert not any(c in data for c in "<>&")  # all written as \u003c, \u003e, \u0026
+    assert json.loads(data)["vocab"][str(special[0])] == "<!--"  # the same strings to a JSON parser
+
+    cdp = browser
+    cdp.events.clear()
+    cdp.send("Page.navigate", {"url": out.resolve().as_uri()})
+    cdp.wait_event("Page.loadEventFired", timeout=20)
+    assert cdp.eval("document.body.dataset.ready") == "1"
+    cdp.drain(0.3)
+    assert page_errors(cdp.events) == []
+    assert cdp.eval("document.querySelectorAll('.tok[data-pos]').length") == row.num_positions
+    shown = cdp.eval("document.getElementById('heatmap').textContent")
+    for t in HTML_LIKE:
+        assert t in shown, t
+    assert cdp.eval("document.querySelectorAll('#heatmap script, #heatmap b').length") == 0  # text, not markup
