@@ -8,8 +8,8 @@ databricks-dolly-15k ``train.jsonl`` rows (``rlkd cache-teacher``); arms differ 
   (c) ``dynamic``  (b) with the dynamic variant                  (--dynamic)
 
 Each trained student (and the untrained one, as a floor) is measured on a cache of ``dev.jsonl`` rows with
-``rlkd inspect --student --json`` (the trainer's shared PeakMetrics: sparse KL, top-1 agreement, CR@1/2/5,
-MOR@5/10, over response positions) and by ROUGE-L (``rouge-score``, F-measure, stemmed) of greedy generations for
+``rlkd inspect --student --json`` (``rlkd.core.metrics``, as the trainer's evaluation: sparse KL, top-1 agreement,
+CR@1/2/5, MOR@5/10, over response positions) and by ROUGE-L (``rouge-score``, F-measure, stemmed) of greedy generations for
 the first ``--rouge-prompts`` dev prompts against the Dolly references.
 
 The table goes to ``--out``/rlkd_vs_kl.json and into ``bench/RESULTS.md`` (between markers, so ``bench/run_all.py``

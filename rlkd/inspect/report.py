@@ -364,6 +364,10 @@ JS = r"""
       host.appendChild(div);
     });
   }
+  function overlap(r, t) {  // the paper's OR@k at this position: |top-k(S) ∩ top-k(T)| / k
+    if (!r.or) return "";
+    return " · or@" + r.or_k + " " + (r.or[t] === null ? "n/a (the teacher kept fewer entries)" : r.or[t]);
+  }
   function detail(ri, t) {
     var r = D.rows[ri], start = 0;
     for (var i = 0; i < t; i++) start += r.counts[i];
@@ -411,7 +415,7 @@ JS = r"""
     svg.push("</svg>");
     var smeta = S ? "<tr><th>student</th><td>argmax " + esc(show(tokText(r.s_top1[t]))) +
       (r.s_top1[t] === r.topk_ids[start] ? " (agrees)" : " (teacher: " + esc(show(tokText(r.topk_ids[start]))) + ")") +
-      " · sparse KL " + r.kd[t] + (r.or ? " · or@" + r.or_k + " " + (r.or[t] === null ? "n/a (teacher kept fewer)" : r.or[t]) : "") + "</td></tr>" : "";
+      " · sparse KL " + r.kd[t] + overlap(r, t) + "</td></tr>" : "";
     box.innerHTML = meta.replace("</table>", smeta + "</table>") + '<p class="note">Teacher top-' + n +
       ' (red: the actual next token) and the tail mass outside them as its own bar' +
       (S ? '; the thin orange bar under each is the student\'s probability of the same token' : "") + ".</p>" +
