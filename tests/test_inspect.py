@@ -287,6 +287,11 @@ def test_cli_help_documents_the_json_schema():
     assert res.exit_code == 0
     for needle in ('"schema": "rlkd.inspect/1"', '"summary"', '"row"', '"student"', '"html"', "multi_peak_share"):
         assert needle in res.output
+    from rlkd.core.metrics import metric_keys
+    from rlkd.inspect import JSON_SCHEMA
+
+    for key in metric_keys() + ["left_out", "tail", "cache_k"]:  # the schema names every reported metric
+        assert f'"{key}"' in JSON_SCHEMA, key
 
 
 def test_row_view_piped(q8_cache, tiny_tokenizer_dir):
