@@ -29,7 +29,8 @@ def run_one(variant: str, n: int, vocab: int, hid: int, k: int, chunk: int) -> d
     import torch.nn.functional as F
 
     from rlkd.trainer.chunked import chunked_distill_loss
-    from rlkd.trainer.losses import DistillLoss, LossConfig, TeacherTargets
+    from rlkd.trainer.config import LossConfig
+    from rlkd.trainer.losses import DistillLoss, TeacherTargets
     from stage2 import LiveTensorBytes  # bench/ is this script's directory, first on sys.path
 
     torch.manual_seed(0)

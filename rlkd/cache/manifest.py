@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlkd.errors import UserError
+
 
 MANIFEST_NAME = "manifest.json"
 
@@ -33,15 +35,19 @@ IDENTITY_KEYS = ("format_version", "k", "codec", "teacher", "tokenizer", "datase
 The run ``config`` and ``engine`` may differ on resume (e.g. another batch size)."""
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     """A writer was reopened on a cache written with a different teacher/tokenizer/dataset/k/codec."""
 
 
-class CacheCorruptError(RuntimeError):
+class CacheCorruptError(UserError, RuntimeError):
     """A shard or the manifest is missing, truncated, or does not match its recorded hash/schema."""
 
 
-class CacheLockedError(RuntimeError):
+class CacheNotFoundError(UserError, FileNotFoundError):
+    """The cache folder or its manifest does not exist."""
+
+
+class CacheLockedError(UserError, RuntimeError):
     """Another writer holds the cache directory."""
 
 
@@ -53,9 +59,9 @@ def read_manifest(cache_dir: str | Path) -> dict:
     """Load ``manifest.json`` from ``cache_dir``, with errors that say what is wrong and what to do."""
     path = manifest_path(cache_dir)
     if not Path(cache_dir).is_dir():
-        raise FileNotFoundError(f"cache directory {cache_dir} does not exist")
+        raise CacheNotFoundError(f"cache directory {cache_dir} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CacheNotFoundError(
             f"{path} not found: {cache_dir} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
             "opened it yet")
     try:

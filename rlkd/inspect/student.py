@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from rlkd.errors import UserError
+
 METRIC_KEYS = ("cr@1", "cr@2", "cr@5", "or@5", "or@10", "mor@5", "mor@10", "top1_agreement", "kd")
 """The metrics reported, in display order (keys of :meth:`PeakMetrics.compute`)."""
 
@@ -21,7 +23,7 @@ METRIC_TEACHER_K = {"cr@1": 1, "cr@2": 2, "cr@5": 5, "or@5": 5, "or@10": 10, "mo
 """How many teacher entries each metric compares: a cache with a smaller k cannot give it."""
 
 
-class AgreementError(ValueError):
+class AgreementError(UserError, ValueError):
     """The student cannot be compared with this cache (k too small, another vocabulary, no such model)."""
 
 
@@ -37,7 +39,7 @@ def check_cache_k(cache_k: int, cache_dir="the cache") -> None:
             f"{cache_dir} keeps the teacher's top-{cache_k} only, but "
             + ", ".join(f"{m} compares the top-{k}" for m, k in need.items())
             + f": the teacher's ranks beyond {cache_k} are unknown, so these metrics cannot be computed. Write the "
-            f"cache with k >= {required_k()} (`rlkd cache-teacher --k {required_k()}` or more).")
+            f"cache with k >= {required_k()} (`rlkd cache-teacher --top-k {required_k()}` or more).")
 
 
 def row_targets(row, k: int):

@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
+from rlkd.errors import UserError
 from rlkd.trainer.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from rlkd.config import ConfigError
 from rlkd.trainer import distributed as dist
@@ -56,7 +57,7 @@ LOGGED_TERMS = ("total", "kd", "rank", "ce", "overlap")
 """Loss terms logged per step (means over the step's trained positions)."""
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserError, ValueError):
     """The student, cache or output folder cannot be used; raised before any step, naming what to fix."""
 
 
@@ -205,7 +206,7 @@ def check_student_fits_cache(cfg: TrainConfig, tokenizer, student_config) -> Non
         if (cfg.loss.rank_weight > 0 or cfg.loss.dynamic) and cache_k < cfg.loss.rank_k:
             raise TrainSetupError(
                 f"rank_k={cfg.loss.rank_k} needs a cache with k >= {cfg.loss.rank_k}, but {where} has k={cache_k}: "
-                "lower --rank-k or rebuild the cache with a larger --k")
+                "lower --rank-k or rebuild the cache with a larger --top-k")
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(student_config, attr, None) not in (None, 1.0):
             raise TrainSetupError(

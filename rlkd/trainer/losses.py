@@ -38,18 +38,17 @@ gradient; on CPU the whole loss costs less than ``F.cross_entropy`` on the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from rlkd.trainer.config import LossConfig
 from rlkd.trainer.softrank import soft_rank
 
 __all__ = [
     "LOSS_TERMS",
     "DistillLoss",
-    "LossConfig",
     "NextTokenCE",
     "RankLoss",
     "SparseForwardKL",
@@ -117,55 +116,6 @@ class TeacherTargets:
             tail_logmass=batch["tail_logmass"][mask].float(),  # (N,)
             target_ids=next_ids[mask],  # (N,)
         )
-
-
-@dataclass
-class LossConfig:
-    """What the student is trained on. Defaults follow RLKD (Peng & Zhang 2024): ``L = 2 * L_rank + L_kd``."""
-
-    kd: Literal["forward_kl", "reverse_kl", "tvd", "none"] = "forward_kl"
-    """Distribution-matching term against the cached top-k: forward KL(teacher || student), reverse KL, total
-    variation distance, or none (ranking and/or CE only)."""
-    tail: Literal["bucket", "renormalize"] = "bucket"
-    """How the mass outside the cached top-k is handled: one extra bucket per distribution (unbiased for the
-    bucketed distributions), or renormalise the teacher over the top-k (DistillKit's ``zero``)."""
-    kd_weight: float = 1.0
-    """Weight of the kd term in the total."""
-    rank_weight: float = 2.0
-    """Weight of the RLKD ranking loss (1 - soft Spearman over the union of top-rank_k sets); 0 turns it off."""
-    rank_k: int = 5
-    """k_r: size of the teacher's and the student's top sets whose union is ranked. The paper uses 5 with KD and
-    10-15 for ranking alone. Needs a cache with k >= rank_k."""
-    rank_strength: float = 1.0
-    """L2 regularisation strength of the soft ranks (torchsort's ``regularization_strength``; 1.0 in the paper).
-    Soft ranks are shift- but not scale-invariant, so this acts on log-probability units."""
-    dynamic: bool = False
-    """Weight the kd term per position by |top-k_r(teacher) & top-k_r(student)| / k_r (detached)."""
-    ce_weight: float = 0.0
-    """Weight of cross-entropy on the real next token (0 in the paper; always computed and logged)."""
-    temperature: float = 1.0
-    """Distillation temperature for the kd term (see the module docstring for the tail approximation)."""
-    chunk_size: int = 256
-    """Positions per chunk of the LM head + loss; bounds the (chunk, vocab) logits kept at once."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.kd_weight < 0 or self.rank_weight < 0 or self.ce_weight < 0:
-            problems.append("kd_weight, rank_weight and ce_weight must be >= 0")
-        if self.temperature <= 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if self.rank_k < 2:
-            problems.append(f"rank_k must be >= 2 (a rank correlation needs two items), got {self.rank_k}")
-        if self.rank_strength <= 0:
-            problems.append(f"rank_strength must be > 0, got {self.rank_strength}")
-        if self.chunk_size < 1:
-            problems.append(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.dynamic and self.kd == "none":
-            problems.append("dynamic=true weights the kd term, but kd is 'none': set a kd loss or dynamic=false")
-        active = (self.kd != "none" and self.kd_weight > 0) or self.rank_weight > 0 or self.ce_weight > 0
-        if not active:
-            problems.append("no loss term is active: set kd (with kd_weight > 0), rank_weight > 0 or ce_weight > 0")
-        return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
