@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from rlkd.config import ConfigError, build_config
 from rlkd.trainer.config import LossConfig
-from rlkd.trainer.losses import DistillLoss, TeacherTargets, rank_union, top_ids, vocab_stats
+from rlkd.trainer.kernels import top_ids, vocab_stats
+from rlkd.trainer.losses import DistillLoss, TeacherTargets, rank_union
 from rlkd.trainer.softrank import soft_rank
 from tests.test_softrank import isotonic_soft_rank
 

@@ -342,7 +342,3 @@ def build_train_config(file_values: dict | None = None, flags: dict | None = Non
         raise ConfigError(problems, source)
     return cfg
 
-
-def train_config_from_dict(grouped: dict) -> TrainConfig:
-    """Rebuild a config saved by :meth:`TrainConfig.to_dict` (e.g. from a checkpoint)."""
-    return build_train_config(grouped, None, source="saved train config")

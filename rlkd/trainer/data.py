@@ -222,9 +222,8 @@ def load_eval_batches(reader, *, batch_size: int, eval_fraction: float, max_rows
 def max_cached_id(cache_dir: str | Path, manifest: dict) -> int:
     """The largest teacher id in the cache: the manifest's ``max_token_id`` when it records one, else a scan of the
     shards' ``topk_ids`` and ``input_ids`` columns (reads only those two columns)."""
-    for key in ("max_token_id", "max_id"):
-        if isinstance(manifest.get(key), int):
-            return int(manifest[key])
+    if isinstance(manifest.get("max_token_id"), int):
+        return int(manifest["max_token_id"])
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

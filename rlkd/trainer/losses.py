@@ -30,8 +30,8 @@ absorbs the q8 codec's rounding, so every divergence stays >= 0).
 Ranking loss: :class:`RankLoss`; the union and the teacher score of uncached tokens are defined in
 :func:`rank_union`.
 
-Cost: :class:`DistillLoss` reads the (N, V) logits in one fused pass (:func:`vocab_stats`: logsumexp, the exact
-tail logsumexp, every gather) plus one blocked top-k (:func:`top_ids`) for the ranking union, and writes one (N, V)
+Cost: :class:`DistillLoss` reads the (N, V) logits in one fused pass (:func:`rlkd.trainer.kernels.vocab_stats`: logsumexp, the exact
+tail logsumexp, every gather) plus one blocked top-k (:func:`rlkd.trainer.kernels.top_ids`) for the ranking union, and writes one (N, V)
 gradient; on CPU the whole loss costs less than ``F.cross_entropy`` on the same logits.
 """
 
@@ -41,15 +41,14 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from rlkd.trainer.config import LossConfig
+from rlkd.trainer.kernels import compute_dtype, top_ids, vocab_stats
 from rlkd.trainer.softrank import soft_rank
 
 __all__ = [
     "LOSS_TERMS",
     "DistillLoss",
-    "NextTokenCE",
     "RankLoss",
     "SparseForwardKL",
     "SparseReverseKL",
@@ -58,8 +57,6 @@ __all__ = [
     "bucket_view",
     "rank_union",
     "sparse_view",
-    "top_ids",
-    "vocab_stats",
 ]
 
 LOSS_TERMS = ("kd", "rank", "ce", "total", "overlap")
@@ -142,79 +139,10 @@ def _lse_masked(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     return torch.logsumexp(x.masked_fill(~mask, float("-inf")), dim=dim)
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    # log_softmax in float32 at least (bf16/fp16 logits are upcast); float64 stays float64 for gradcheck.
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-class _VocabStats(torch.autograd.Function):
-    """Everything the losses need from the full-vocabulary logits, in ~3 passes over (N, V) forward and 1 backward.
-
-    forward(z (N, V), cached_ids (N, k), cached_valid (N, k), extra_ids (N, E)) ->
-        lse (N,)        logsumexp over the vocabulary,
-        tail_lse (N,)   logsumexp over the tokens NOT among the valid cached ids (-inf if none),
-        gathered (N, k + E)  z at cached_ids then at extra_ids.
-    The tail is summed directly over the uncached tokens (positive terms, no cancellation; torch's cascade sum keeps
-    the relative error near float32 rounding), never as ``1 - sum_I e^q``, which loses all precision in float32
-    once the student puts ~1 - 1e-7 of its mass on I.
-    Backward: ``dz = (g_lse / S_all) e + (g_tail / S_tail) e [uncached] + scatter(g_gathered)`` with
-    ``e = exp(z - max)`` saved from forward; autograd's generic path (log-softmax, masked copies, one zero-filled
-    (N, V) gradient per gather) made ~25 passes and was the bulk of the loss time on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, cached_ids: Tensor, cached_valid: Tensor, extra_ids: Tensor):
-        m = z.amax(dim=1, keepdim=True)  # (N, 1)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.sub(z, m).exp_()  # (N, V), one buffer
-        # Zero the cached entries in place, sum what is left (the tail, no cancellation), then restore them.
-        # Invalid entries point at the row's first valid id, so every duplicate write is the same value.
-        first = cached_ids.gather(1, cached_valid.float().argmax(dim=1, keepdim=True))  # (N, 1)
-        safe_ids = torch.where(cached_valid, cached_ids, first)  # (N, k)
-        e_cached = e.gather(1, safe_ids)  # (N, k), exact copies of the entries of e
-        e.scatter_(1, safe_ids, 0.0)
-        s_tail = e.sum(dim=1)  # (N,)
-        e.scatter_(1, safe_ids, e_cached)
-        s_cached = torch.where(cached_valid, e_cached, torch.zeros_like(e_cached)).sum(dim=1)  # (N,)
-        no_valid = ~cached_valid.any(dim=1)  # such rows zeroed one real token above: count it back
-        s_tail = s_tail + torch.where(no_valid, e_cached[:, 0], torch.zeros_like(s_tail))
-        s_all = s_tail + s_cached  # (N,)
-        lse = m.squeeze(1) + s_all.log()
-        tail_lse = m.squeeze(1) + s_tail.log()  # -inf when nothing is left
-        gathered = z.gather(1, torch.cat([cached_ids, extra_ids], dim=1))  # (N, k + E)
-        ctx.save_for_backward(e, safe_ids, cached_valid, torch.cat([cached_ids, extra_ids], dim=1),
-                              s_all, s_tail)
-        return lse, tail_lse, gathered
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_lse: Tensor, g_tail: Tensor, g_gathered: Tensor):
-        e, safe_ids, cached_valid, all_ids, s_all, s_tail = ctx.saved_tensors
-        dtype = e.dtype
-        coef_all = g_lse.to(dtype) / s_all  # (N,)
-        coef_tail = torch.where(s_tail > 0, g_tail.to(dtype) / s_tail, torch.zeros_like(s_tail))  # (N,)
-        grad = e * (coef_all + coef_tail)[:, None]  # (N, V)
-        # The cached tokens are not in the tail: take their tail share back (0 for invalid / duplicate entries).
-        e_cached = e.gather(1, safe_ids)  # (N, k)
-        back = torch.where(cached_valid, -coef_tail[:, None] * e_cached, torch.zeros_like(e_cached))
-        grad.scatter_add_(1, safe_ids, back)
-        grad.scatter_add_(1, all_ids, g_gathered.to(dtype))
-        return grad, None, None, None
-
-
-def vocab_stats(z: Tensor, cached_ids: Tensor, cached_valid: Tensor, extra_ids: Tensor | None = None):
-    """(lse (N,), tail_lse (N,), z at cached ids (N, k), z at extra ids (N, E)); see :class:`_VocabStats`."""
-    if extra_ids is None:
-        extra_ids = cached_ids[:, :0]
-    lse, tail_lse, gathered = _VocabStats.apply(z, cached_ids, cached_valid, extra_ids)
-    k = cached_ids.shape[1]
-    return lse, tail_lse, gathered[:, :k], gathered[:, k:]
-
-
 def sparse_view(logits: Tensor, targets: TeacherTargets, temperature: float = 1.0, tail: str = "bucket",
                 renormalize_student: bool = False) -> SparseView:
     """Gather both distributions on the cached ids and their tail buckets. ``logits`` (N, V), any float dtype."""
-    z = logits.to(_compute_dtype(logits))
+    z = logits.to(compute_dtype(logits))
     if temperature != 1.0:
         z = z / temperature
     lse, tail_lse, z_cached, _ = vocab_stats(z, targets.topk_ids, targets.topk_valid)
@@ -310,48 +238,8 @@ class SparseTVD(nn.Module):
         return 0.5 * (head + (v.teacher_tail.exp() - v.student_tail.exp()).abs())  # (N,)
 
 
-class NextTokenCE(nn.Module):
-    """Cross-entropy on the real next token: ``-log_softmax(z)[target] = logsumexp(z) - z[target]``.
-
-    Shapes: logits (N, V), target_ids (N,), optional precomputed logsumexp (N,) -> (N,).
-    Source: the usual LM objective; RLKD (Peng & Zhang 2024) trains without it (weight 0), as does our default.
-    :class:`DistillLoss` computes the same value from its fused pass (``lse - z[target]``).
-    """
-
-    def forward(self, logits: Tensor, target_ids: Tensor, lse: Tensor | None = None) -> Tensor:
-        z = logits.to(_compute_dtype(logits))
-        if lse is None:
-            lse = torch.logsumexp(z, dim=-1)
-        return lse - z.gather(1, target_ids[:, None]).squeeze(1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # RLKD ranking loss.
-
-
-def top_ids(scores: Tensor, k: int, block: int = 128) -> Tensor:
-    """Ids of the ``k`` largest entries of each row of ``scores`` (N, V), largest first: (N, k) int64.
-
-    The same values as ``torch.topk(scores, k).indices`` (which of several exactly tied entries is taken may differ),
-    3-4x faster on CPU at V = 49,152, where ``torch.topk`` was most of the ranking loss's cost. Split each row into
-    blocks of ``block`` entries and take every block's max (one vectorised pass, no sort), then the k blocks with the
-    largest maxima. An entry outside them is at most its block's max, hence at most each chosen block's max: k
-    candidates are at least as large, so a ``topk`` over the k * block candidates is exact. Entries past the last
-    whole block are candidates too.
-    """
-    n, v = scores.shape
-    n_blocks = v // block
-    if n_blocks <= k:  # small vocabularies: nothing to gain
-        return torch.topk(scores, k, dim=-1).indices
-    block_max = scores[:, : n_blocks * block].unfold(1, block, block).amax(dim=2)  # (N, n_blocks), a view: no copy
-    best = torch.topk(block_max, k, dim=1).indices  # (N, k) block numbers
-    offsets = torch.arange(block, device=scores.device)
-    cand = (best[:, :, None] * block + offsets).reshape(n, k * block)  # (N, k * block) candidate ids
-    if n_blocks * block < v:
-        rest = torch.arange(n_blocks * block, v, device=scores.device).expand(n, -1)  # (N, V mod block)
-        cand = torch.cat([cand, rest], dim=1)
-    pick = torch.topk(scores.gather(1, cand), k, dim=1).indices  # (N, k) positions among the candidates
-    return cand.gather(1, pick)
 
 
 def rank_union(student_logits: Tensor, targets: TeacherTargets, k_r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -438,12 +326,7 @@ class RankLoss(nn.Module):
         self.k = k
         self.strength = strength
 
-    def forward(self, student_logits: Tensor, targets: TeacherTargets) -> tuple[Tensor, Tensor]:
-        ids, mask, teacher_scores, overlap = rank_union(student_logits, targets, self.k)
-        student_scores = student_logits.gather(1, ids).to(_compute_dtype(student_logits))  # (N, 2 k_r)
-        return self.from_scores(student_scores, teacher_scores, mask, targets.topk_valid.any(dim=1)), overlap
-
-    def from_scores(self, student_scores: Tensor, teacher_scores: Tensor, mask: Tensor, has_teacher: Tensor) -> Tensor:
+    def forward(self, student_scores: Tensor, teacher_scores: Tensor, mask: Tensor, has_teacher: Tensor) -> Tensor:
         """The loss (N,) from the union's scores (N, 2 k_r) and mask, as given by :func:`rank_union`."""
         teacher_scores = teacher_scores.to(student_scores.dtype)
         r_t = soft_rank(teacher_scores, mask, self.strength)  # (N, 2 k_r), constant
@@ -479,7 +362,6 @@ class DistillLoss(nn.Module):
         kd_cls = {"forward_kl": SparseForwardKL, "reverse_kl": SparseReverseKL, "tvd": SparseTVD}
         self.kd_loss = kd_cls[cfg.kd]() if cfg.kd != "none" else None
         self.rank_loss = RankLoss(cfg.rank_k, cfg.rank_strength)
-        self.ce_loss = NextTokenCE()
 
     def check_targets(self, targets: TeacherTargets, vocab_size: int) -> None:
         """Raise a clear ValueError when the targets cannot be used with a vocabulary of ``vocab_size``.
@@ -502,7 +384,7 @@ class DistillLoss(nn.Module):
             raise ValueError(f"student_logits has {n_pos} positions but the teacher targets have {len(targets)}")
         if check:
             self.check_targets(targets, vocab)
-        dtype = _compute_dtype(student_logits)
+        dtype = compute_dtype(student_logits)
         z = student_logits.to(dtype)  # (N, V); a float32 copy only when the logits are bf16/fp16
         zeros = torch.zeros(n_pos, dtype=dtype, device=student_logits.device)
         valid = targets.topk_valid
@@ -515,14 +397,14 @@ class DistillLoss(nn.Module):
         # One fused pass gives logsumexp, the exact tail logsumexp and every gathered logit; no (N, V) log-softmax.
         lse, tail_lse, z_cached, z_extra = vocab_stats(z, targets.topk_ids, valid, torch.cat(extra, dim=1))
 
-        ce = lse - z_extra[:, 0]  # (N,)  = NextTokenCE
+        ce = lse - z_extra[:, 0]  # (N,) cross-entropy on the real next token: logsumexp(z) - z[target]
 
         rank, overlap = zeros, zeros
         if union is not None:
             overlap = union[3].to(dtype) / cfg.rank_k
             if cfg.rank_weight > 0:
                 # Logits, not log-probs: they differ by a per-row constant, which soft ranks ignore.
-                rank = self.rank_loss.from_scores(z_extra[:, 1:], union[2], union[1], valid.any(dim=1))
+                rank = self.rank_loss(z_extra[:, 1:], union[2], union[1], valid.any(dim=1))
 
         kd = zeros
         if self.kd_loss is not None:
