@@ -181,7 +181,7 @@ def _check_out(out: Path, meta: dict, cfg: CacheTeacherConfig) -> None:
     problems: list[str] = []
     if manifest_path(out).exists():
         m = read_manifest(out)
-        if "ray" not in (m.get("config") or {}):
+        if not (m.get("config") or {}).get("ray"):  # a --ray manifest records {"replicas", "config"}
             problems.append(f"{out} holds a cache written without --ray (its manifest lists shards of its own). "
                             "Give --ray runs their own --out, or re-run without --ray to resume that cache")
     new = {"format_version": FORMAT_VERSION, "k": cfg.top_k, "codec": cfg.codec, **meta}
