@@ -30,7 +30,8 @@ def run_one(variant: str, n: int, vocab: int, hid: int, k: int, chunk: int) -> d
 
     from rlkd.trainer.chunked import chunked_distill_loss
     from rlkd.core.targets import TeacherTargets
-    from rlkd.trainer.losses import DistillLoss, LossConfig
+    from rlkd.trainer.config import LossConfig
+    from rlkd.trainer.losses import DistillLoss
     from stage2 import LiveTensorBytes  # bench/ is this script's directory, first on sys.path
 
     torch.manual_seed(0)

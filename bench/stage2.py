@@ -63,7 +63,8 @@ from rlkd.trainer import loop  # noqa: E402
 from rlkd.trainer.chunked import chunked_distill_loss  # noqa: E402
 from rlkd.trainer.config import build_train_config  # noqa: E402
 from rlkd.core.targets import ModelBatch, TeacherTargets, collate  # noqa: E402
-from rlkd.trainer.losses import DistillLoss, LossConfig  # noqa: E402
+from rlkd.trainer.config import LossConfig  # noqa: E402
+from rlkd.trainer.losses import DistillLoss  # noqa: E402
 
 DEFAULT_TEACHER = Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser()
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"

@@ -232,18 +232,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             "student": str(final), "report": str(report), "before": b, "after": a, "minutes": minutes}
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """Each field's docstring, for --help."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
 def _parse(argv) -> DemoConfig:
-    defaults, docs = DemoConfig(), _field_docs(DemoConfig)
+    from rlkd.config import field_docs
+
+    defaults, docs = DemoConfig(), {k: " ".join(v.split()) for k, v in field_docs(DemoConfig).items()}
     ap = argparse.ArgumentParser(prog="python -m rlkd.demo", description=__doc__.split("\n\n")[0])
     for name, value in vars(defaults).items():
         kind = {int: int, float: float}.get(type(value), Path if isinstance(value, Path) else str)

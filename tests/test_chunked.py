@@ -8,7 +8,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlkd.trainer.chunked import chunked_distill_loss
-from rlkd.trainer.losses import LOSS_TERMS, DistillLoss, LossConfig
+from rlkd.trainer.config import LossConfig
+from rlkd.trainer.losses import LOSS_TERMS, DistillLoss
 from tests.test_losses import make_targets
 
 N, V, H, K = 45, 60, 12, 8

@@ -215,7 +215,7 @@ def test_trainer_eval_and_inspect_report_the_same_numbers(tmp_path_factory, tiny
     from rlkd.inspect.student import StudentScorer
     from rlkd.trainer.data import load_eval_batches
     from rlkd.trainer.loop import evaluate
-    from rlkd.trainer.losses import LossConfig
+    from rlkd.trainer.config import LossConfig
     from rlkd.trainer.student import StudentWithHead
     from tests.cache_from_model import write_cache_from_model
 

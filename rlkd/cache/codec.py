@@ -68,11 +68,6 @@ CODEC_COLUMNS = {
 }
 """The columns each codec stores its log-probabilities in."""
 
-ERROR_BOUND = {"fp32": 0.0, "fp16": 2.0**-11, "q8": Q8_STEP / 2}
-"""Per-codec bound on |decoded - true| log-prob for in-range entries: relative for fp16 (times |lp|), absolute
-(non-top-1 entries) for q8, whose top-1 is bounded like fp16."""
-
-
 def _check_codec(codec: str) -> None:
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
@@ -450,8 +445,3 @@ class DecodedBlock:
             target_rank=c(self.target_rank[p0:p1]),
         )
 
-
-def table_to_rows(table: pa.Table, codec: str) -> list[TeacherRow]:
-    """Decode every row of a table (e.g. one row group)."""
-    block = DecodedBlock(table, codec)
-    return [block.row(i) for i in range(block.num_rows)]

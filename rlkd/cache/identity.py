@@ -10,8 +10,10 @@ import hashlib
 import json
 from typing import Any
 
+from rlkd.errors import UserError
 
-class TokenizerMismatchError(ValueError):
+
+class TokenizerMismatchError(UserError, ValueError):
     """The student's tokenizer is not the one the cache was written with."""
 
 

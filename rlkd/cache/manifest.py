@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlkd.errors import UserError
+
 
 MANIFEST_NAME = "manifest.json"
 
@@ -33,15 +35,19 @@ IDENTITY_KEYS = ("format_version", "k", "codec", "teacher", "tokenizer", "datase
 The run ``config`` and ``engine`` may differ on resume (e.g. another batch size)."""
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     """A writer was reopened on a cache written with a different teacher/tokenizer/dataset/k/codec."""
 
 
-class CacheCorruptError(RuntimeError):
+class CacheCorruptError(UserError, RuntimeError):
     """A shard or the manifest is missing, truncated, or does not match its recorded hash/schema."""
 
 
-class CacheLockedError(RuntimeError):
+class CacheNotFoundError(UserError, FileNotFoundError):
+    """The cache folder or its manifest does not exist."""
+
+
+class CacheLockedError(UserError, RuntimeError):
     """Another writer holds the cache directory."""
 
 
@@ -53,9 +59,9 @@ def read_manifest(cache_dir: str | Path) -> dict:
     """Load ``manifest.json`` from ``cache_dir``, with errors that say what is wrong and what to do."""
     path = manifest_path(cache_dir)
     if not Path(cache_dir).is_dir():
-        raise FileNotFoundError(f"cache directory {cache_dir} does not exist")
+        raise CacheNotFoundError(f"cache directory {cache_dir} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CacheNotFoundError(
             f"{path} not found: {cache_dir} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
             "opened it yet")
     try:
@@ -155,9 +161,8 @@ def set_max_token_id(manifest: dict) -> None:
 def max_cached_id(cache_dir: str | Path, manifest: dict) -> int:
     """The largest teacher id in the cache (-1 when empty): the manifest's ``max_token_id`` when it records one,
     else a scan of the shards' ``topk_ids`` and ``input_ids`` columns (reads only those two columns)."""
-    for key in ("max_token_id", "max_id"):
-        if isinstance(manifest.get(key), int):
-            return int(manifest[key])
+    if isinstance(manifest.get("max_token_id"), int):
+        return int(manifest["max_token_id"])
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

@@ -17,6 +17,7 @@ are named and the rest counted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,18 @@ rounding moves each non-top-1 probability by up to 3.2%."""
 LOGPROB_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "q8": 0.04}
 """|cached log-prob of the next token - target_logprob| allowed, relative to max(1, |lp|) for fp16."""
 MAX_EXAMPLES = 3
+
+
+@dataclass
+class VerifyOptions:
+    """Options of ``rlkd verify``."""
+
+    cache: str = field(metadata={"argument": True})
+    """The cache to check (the folder holding manifest.json)."""
+    deep: bool = False
+    """Also decode every row and check ids, rank order, mass and alignment."""
+    json: bool = False
+    """Print the report as JSON."""
 
 
 def _row_invariants(r: TeacherRow, k: int, vocab: int | None, codec: str) -> list[str]:

@@ -6,8 +6,9 @@ prints one of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from rlkd.core.metrics import TAILS
 
@@ -16,9 +17,9 @@ from rlkd.core.metrics import TAILS
 class InspectOptions:
     """Options of ``rlkd inspect`` (one field per flag)."""
 
-    cache: str
+    cache: str = field(metadata={"argument": True})
     """The cache directory (holds manifest.json)."""
-    sample: int | None = None
+    sample: int | None = field(default=None, metadata={"metavar": "N"})
     """Summary over this many randomly chosen positions instead of all; with --student, score whole random rows
     until they hold at least this many positions."""
     seed: int = 0
@@ -27,25 +28,27 @@ class InspectOptions:
     """A peak is a cached token with probability >= this."""
     vocab_size: int | None = None
     """Vocabulary size V for the entropy upper bound; default the manifest's (larger of tokenizer and teacher)."""
-    row: str | None = None
+    row: str | None = field(default=None, metadata={"metavar": "N"})
     """Show this row (0-based index in file order, or a row_id prefix) position by position."""
-    positions: str | None = None
+    positions: str | None = field(default=None, metadata={"metavar": "A:B"})
     """With --row: the positions A:B to show (Python slice, e.g. 0:40, 100:, :-10)."""
     top: int = 5
     """With --row: cached entries shown per position."""
-    tokenizer: str | None = None
+    tokenizer: str | None = field(default=None, metadata={"metavar": "PATH"})
     """Tokenizer to decode tokens with; default the teacher's, from the manifest."""
-    html: str | None = None
+    html: str | None = field(default=None, metadata={"metavar": "FILE"})
     """Write a self-contained HTML report to this file."""
-    rows: str | None = None
+    rows: str | None = field(default=None, metadata={"metavar": "SPEC"})
     """With --html: rows in the token heatmap, e.g. 0,3,10-12 (default the first 3)."""
-    student: str | None = None
+    student: str | None = field(default=None, metadata={"metavar": "PATH"})
     """A student model folder to measure its peak agreement with the teacher (float32 on CPU)."""
-    tail: str | None = None
+    tail: Literal[TAILS] | None = None
     """With --student: the tail mode of its sparse KL, bucket (default) or renormalize, as in train-student, whose
     evaluation then reports the same numbers."""
-    color: str = "auto"
+    color: Literal["auto", "always", "never"] = "auto"
     """Colour in --row: auto (only in a terminal), always, never."""
+    json: bool = False
+    """Print one JSON object (schema above) instead of text."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -64,8 +67,6 @@ class InspectOptions:
         if self.row is not None and (self.html is not None or self.student is not None):
             problems.append("--row shows one row in the terminal; it does not combine with --html/--student "
                             "(use --html with --rows to put rows in the report)")
-        if self.tail is not None and self.tail not in TAILS:
-            problems.append(f"--tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.tail is not None and self.student is None:
             problems.append("--tail sets the tail mode of the student's sparse KL: give --student too")
         if self.html is not None:
@@ -74,8 +75,6 @@ class InspectOptions:
             problem = html_path_problem(self.html)
             if problem:
                 problems.append(problem)
-        if self.color not in ("auto", "always", "never"):
-            problems.append(f"--color must be auto, always or never, got {self.color!r}")
         if not (Path(self.cache) / "manifest.json").is_file():
             problems.append(f"{self.cache} is not an rlkd cache (no manifest.json there)")
         return problems

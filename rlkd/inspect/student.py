@@ -13,8 +13,10 @@ import time
 
 import numpy as np
 
+from rlkd.errors import UserError
 
-class AgreementError(ValueError):
+
+class AgreementError(UserError, ValueError):
     """The student cannot be compared with this cache (another vocabulary, no such model)."""
 
 

@@ -12,13 +12,14 @@ import re
 
 import numpy as np
 
+from rlkd.errors import UserError
 from rlkd.inspect.stats import GROUPS
 
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
-class TokenizerNotFoundError(FileNotFoundError):
+class TokenizerNotFoundError(UserError, FileNotFoundError):
     """The teacher's tokenizer recorded in the manifest cannot be loaded here."""
 
 

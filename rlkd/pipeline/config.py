@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from rlkd.cache.schema import CODECS, MAX_K
-
-ENGINES = ("vllm", "hf")
-OVERLONG = ("truncate", "skip")
-PROMPT_FORMATS = ("auto", "chat", "plain")
-LOSS_ON = ("response", "all")
-DATASET_FORMATS = ("json", "parquet", "csv", "arrow")
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -50,7 +45,7 @@ class CacheTeacherConfig:
     """Dataset split. Slices work too (``train[:1000]``). A single local file is the ``train`` split."""
     subset: str | None = None
     """Hub dataset config name (the second argument of ``datasets.load_dataset``), if the dataset has several."""
-    dataset_format: str | None = None
+    dataset_format: Literal["json", "parquet", "csv", "arrow"] | None = None
     """Force the loader for local files: json, parquet, csv or arrow. By default it comes from the file suffix."""
     limit: int | None = None
     """Use only the first N rows of the source. Applied *before* ``shard``, so the parts of ``--shard I/N`` runs with
@@ -78,15 +73,15 @@ class CacheTeacherConfig:
     """Plain text column for language modelling (loss on every token). Auto: ``text``."""
 
     # ---- formatting ------------------------------------------------------------------------------------------
-    prompt_format: str = "auto"
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
     """``chat``: the teacher tokenizer's chat template. ``plain``: rlkd's own plain format (see
     ``rlkd.pipeline.formatting.PLAIN_FORMAT``). ``auto``: chat when the tokenizer has a template, else plain."""
-    loss_on: str = "response"
+    loss_on: Literal["response", "all"] = "response"
     """``response``: train on the assistant/response tokens only (and their end-of-turn token). ``all``: every
     token. ``text`` datasets are always trained on every token."""
     max_length: int = 1024
     """Longest sequence in tokens, prompt and response together."""
-    overlong: str = "truncate"
+    overlong: Literal["truncate", "skip"] = "truncate"
     """Rows longer than ``max_length``: ``truncate`` keeps the prompt and cuts the response; ``skip`` drops them.
     A row whose prompt alone fills ``max_length`` is always skipped. Both are counted in the summary."""
 
@@ -97,7 +92,7 @@ class CacheTeacherConfig:
     """Adaptive k: keep only entries with probability >= this (but at least ``min_k``). ``None``: always ``top_k``."""
     min_k: int = 1
     """With ``min_prob``: entries always kept per position."""
-    codec: str = "q8"
+    codec: Literal[CODECS] = "q8"
     """Log-prob codec of the cache: q8 (default, compact), fp16, or fp32 (lossless)."""
     shard_max_mb: int = 64
     """Rotate to a new Parquet shard after about this many MiB."""
@@ -105,7 +100,7 @@ class CacheTeacherConfig:
     """Rows per Parquet row group: the unit stage 2 reads and shuffles, and the granularity of shard rotation."""
 
     # ---- engine --------------------------------------------------------------------------------------------------
-    engine: str = "vllm"
+    engine: Literal["vllm", "hf"] = "vllm"
     """``vllm`` (fast, default) or ``hf`` (transformers forward; the reference, and for machines without vLLM)."""
     dtype: str = "auto"
     """Teacher weights' dtype: auto (the checkpoint's), bfloat16, float16 or float32."""
@@ -125,6 +120,17 @@ class CacheTeacherConfig:
     seed: int = 0
     """Engine seed (the cache is deterministic anyway: no sampling happens)."""
 
+    # ---- running it ----------------------------------------------------------------------------------------------
+    ray: bool = False
+    """Run on a Ray cluster: ``replicas`` engines, each writing ``OUT/part-I``; one manifest at the end. Needs
+    ``pip install 'rlkd[ray]'``."""
+    ray_address: str | None = None
+    """With ``ray``: the cluster to join (``auto`` = the running one). Default: start a local one."""
+    replicas: int = 1
+    """With ``ray``: engine replicas, each on ``tensor_parallel_size`` GPUs."""
+    progress: bool = True
+    """Show the progress bar."""
+
     def validate(self) -> list[str]:
         """Every problem with the settings, each naming the option and the fix (empty when fine)."""
         p: list[str] = []
@@ -132,18 +138,6 @@ class CacheTeacherConfig:
             if not str(getattr(self, name) or "").strip():
                 p.append(f"{name}: required (give --{name})")
 
-        def one_of(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                p.append(f"{name}: {value!r} is not one of {', '.join(allowed)}")
-
-        one_of("engine", ENGINES)
-        one_of("overlong", OVERLONG)
-        one_of("prompt_format", PROMPT_FORMATS)
-        one_of("loss_on", LOSS_ON)
-        one_of("codec", CODECS)
-        if self.dataset_format is not None:
-            one_of("dataset_format", DATASET_FORMATS)
         if self.dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half", "float"):
             p.append(f"dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")
         if not 1 <= self.top_k <= MAX_K:
@@ -178,6 +172,10 @@ class CacheTeacherConfig:
             p.append(f"shard_max_mb: must be >= 1, got {self.shard_max_mb}")
         if self.engine == "hf" and self.tensor_parallel_size != 1:
             p.append("tensor_parallel_size > 1 needs engine=vllm (the hf engine runs on one device)")
+        if self.replicas < 1:
+            p.append(f"replicas: must be >= 1, got {self.replicas}")
+        if not self.ray and (self.ray_address is not None or self.replicas != 1):
+            p.append("ray_address and replicas need ray (give --ray)")
         return p
 
     @property

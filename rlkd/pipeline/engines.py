@@ -31,6 +31,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from rlkd.errors import UserError
+
 
 @dataclass
 class Scored:
@@ -75,7 +77,7 @@ def tail_logmass(topk_logprobs: np.ndarray) -> np.ndarray:
     return out
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """An engine cannot run as configured; the message says which option to change."""
 
 

@@ -42,6 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlkd.errors import UserError
+
 PLAIN_FORMAT = "rlkd-plain-v1"
 """Name of the plain format above, recorded in the manifest. Change the name if the format ever changes."""
 
@@ -54,7 +56,7 @@ _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model
                  "assistant": "assistant", "system": "system"}
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """The dataset's columns or the tokenizer's template cannot give what is needed. The message says what to do."""
 
 

@@ -13,16 +13,30 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from rlkd.cache.manifest import (IDENTITY_KEYS, identity_differences, manifest_path, read_manifest,
                                  set_max_token_id, write_manifest)
+from rlkd.errors import UserError
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """The parts cannot be merged; the message lists every reason."""
+
+
+@dataclass
+class MergeOptions:
+    """Options of ``rlkd cache-merge``."""
+
+    out: str = field(metadata={"argument": True})
+    """The merged cache folder to write (it gets only a manifest.json)."""
+    parts: list[str] = field(metadata={"argument": True})
+    """The part folders written by ``cache-teacher --shard I/N``."""
+    allow_incomplete: bool = False
+    """Merge parts whose run has not finished (not recommended)."""
 
 
 def merge_caches(out: str | os.PathLike, parts: list[str | os.PathLike], *, allow_incomplete: bool = False) -> dict:

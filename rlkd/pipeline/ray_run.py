@@ -50,6 +50,7 @@ from rlkd.cache import CacheWriter, make_row_id, read_manifest
 from rlkd.cache.manifest import CacheMismatchError, identity_differences, manifest_path
 from rlkd.cache.schema import FORMAT_VERSION
 from rlkd.config import config_to_dict
+from rlkd.errors import UserError
 from rlkd.pipeline.config import CacheTeacherConfig
 
 PART_PREFIX = "part-"
@@ -62,7 +63,7 @@ BLOCK_TOKENS = 4 << 20
 """...or fewer when the block reaches this many tokens (long sequences)."""
 
 
-class RayStage1Error(RuntimeError):
+class RayStage1Error(UserError, RuntimeError):
     """A Ray run could not finish; the message says what happened and that a re-run resumes."""
 
 
@@ -71,7 +72,7 @@ def _import_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError as e:
-        raise ImportError(
+        raise RayStage1Error(
             "cache-teacher --ray needs Ray Data: `pip install 'rlkd[ray]'` (or `pip install 'ray[data]'`), "
             "or run without --ray (single process, or --shard I/N on several machines)"
         ) from e
@@ -180,7 +181,7 @@ def _check_out(out: Path, meta: dict, cfg: CacheTeacherConfig) -> None:
     problems: list[str] = []
     if manifest_path(out).exists():
         m = read_manifest(out)
-        if "ray" not in (m.get("config") or {}):
+        if not (m.get("config") or {}).get("ray"):  # a --ray manifest records {"replicas", "config"}
             problems.append(f"{out} holds a cache written without --ray (its manifest lists shards of its own). "
                             "Give --ray runs their own --out, or re-run without --ray to resume that cache")
     new = {"format_version": FORMAT_VERSION, "k": cfg.top_k, "codec": cfg.codec, **meta}

@@ -16,17 +16,18 @@ from typing import Any, Callable, Iterator
 
 from rlkd.cache import CacheWriter, make_row_id, tokenizer_identity
 from rlkd.config import config_to_dict
+from rlkd.errors import UserError
 from rlkd.pipeline.config import CacheTeacherConfig
 from rlkd.pipeline.overlap import RowWriterThread
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
-class TeacherNotFoundError(FileNotFoundError):
+class TeacherNotFoundError(UserError, FileNotFoundError):
     """``--teacher`` names neither a local model folder nor a hub model available here."""
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """The disk filled up mid-run; finished shards are valid and a re-run resumes."""
 
 

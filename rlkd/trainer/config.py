@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from rlkd.config import ConfigError, build_config, config_to_dict
-from rlkd.trainer.losses import LossConfig
 
 
 @dataclass
@@ -41,6 +40,9 @@ class RunConfig:
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     gradient_checkpointing: bool = False
     """Recompute the student's layer activations in backward: less memory, roughly a third more compute."""
+    nproc: int | None = None
+    """Processes (GPUs) on this node: the command re-runs itself under ``torchrun --nproc-per-node N``. Unset: one
+    process, or whatever ``torchrun`` started."""
     strategy: Literal["auto", "fsdp", "ddp"] = "auto"
     """How several processes (``torchrun`` or ``--nproc``) share the student: ``fsdp`` shards parameters, gradients
     and optimizer state with FSDP2 (bf16 compute, fp32 reduction on GPU); ``ddp`` replicates the model (fine for small
@@ -60,6 +62,8 @@ class RunConfig:
             problems.append(f"keep_last must be >= 0, got {self.keep_last}")
         if self.log_every < 1:
             problems.append(f"log_every must be >= 1, got {self.log_every}")
+        if self.nproc is not None and self.nproc < 1:
+            problems.append(f"nproc must be >= 1, got {self.nproc}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return problems
@@ -191,6 +195,55 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    """What the student is trained on. Defaults follow RLKD (Peng & Zhang 2024): ``L = 2 * L_rank + L_kd``."""
+
+    kd: Literal["forward_kl", "reverse_kl", "tvd", "none"] = field(default="forward_kl", metadata={"flag": "--loss"})
+    """Distribution-matching term against the cached top-k: forward KL(teacher || student), reverse KL, total
+    variation distance, or none (ranking and/or CE only)."""
+    tail: Literal["bucket", "renormalize"] = "bucket"
+    """How the mass outside the cached top-k is handled: one extra bucket per distribution (unbiased for the
+    bucketed distributions), or renormalise the teacher over the top-k (DistillKit's ``zero``)."""
+    kd_weight: float = 1.0
+    """Weight of the kd term in the total."""
+    rank_weight: float = 2.0
+    """Weight of the RLKD ranking loss (1 - soft Spearman over the union of top-rank_k sets); 0 turns it off."""
+    rank_k: int = 5
+    """k_r: size of the teacher's and the student's top sets whose union is ranked. The paper uses 5 with KD and
+    10-15 for ranking alone. Needs a cache with k >= rank_k."""
+    rank_strength: float = 1.0
+    """L2 regularisation strength of the soft ranks (torchsort's ``regularization_strength``; 1.0 in the paper).
+    Soft ranks are shift- but not scale-invariant, so this acts on log-probability units."""
+    dynamic: bool = False
+    """Weight the kd term per position by |top-k_r(teacher) & top-k_r(student)| / k_r (detached)."""
+    ce_weight: float = 0.0
+    """Weight of cross-entropy on the real next token (0 in the paper; always computed and logged)."""
+    temperature: float = 1.0
+    """Distillation temperature for the kd term (see the module docstring for the tail approximation)."""
+    chunk_size: int = 256
+    """Positions per chunk of the LM head + loss; bounds the (chunk, vocab) logits kept at once."""
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.kd_weight < 0 or self.rank_weight < 0 or self.ce_weight < 0:
+            problems.append("kd_weight, rank_weight and ce_weight must be >= 0")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.rank_k < 2:
+            problems.append(f"rank_k must be >= 2 (a rank correlation needs two items), got {self.rank_k}")
+        if self.rank_strength <= 0:
+            problems.append(f"rank_strength must be > 0, got {self.rank_strength}")
+        if self.chunk_size < 1:
+            problems.append(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.dynamic and self.kd == "none":
+            problems.append("dynamic=true weights the kd term, but kd is 'none': set a kd loss or dynamic=false")
+        active = (self.kd != "none" and self.kd_weight > 0) or self.rank_weight > 0 or self.ce_weight > 0
+        if not active:
+            problems.append("no loss term is active: set kd (with kd_weight > 0), rank_weight > 0 or ce_weight > 0")
+        return problems
+
+
+@dataclass
 class TrainConfig:
     """Everything ``rlkd train-student`` needs, one section per concern."""
 
@@ -289,7 +342,3 @@ def build_train_config(file_values: dict | None = None, flags: dict | None = Non
         raise ConfigError(problems, source)
     return cfg
 
-
-def train_config_from_dict(grouped: dict) -> TrainConfig:
-    """Rebuild a config saved by :meth:`TrainConfig.to_dict` (e.g. from a checkpoint)."""
-    return build_train_config(grouped, None, source="saved train config")

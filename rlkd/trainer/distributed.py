@@ -34,8 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-STRATEGIES = ("auto", "fsdp", "ddp")
-
 
 @dataclass
 class DistContext:

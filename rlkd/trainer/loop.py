@@ -42,6 +42,7 @@ import yaml
 from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
 from rlkd.core.metrics import PeakMetrics, left_out_note
 from rlkd.core.targets import ModelBatch, vocab_problem
+from rlkd.errors import UserError
 from rlkd.trainer.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from rlkd.config import ConfigError
 from rlkd.trainer import distributed as dist
@@ -55,7 +56,7 @@ LOGGED_TERMS = ("total", "kd", "rank", "ce", "overlap")
 """Loss terms logged per step (means over the step's trained positions)."""
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserError, ValueError):
     """The student, cache or output folder cannot be used; raised before any step, naming what to fix."""
 
 

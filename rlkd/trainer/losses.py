@@ -12,42 +12,31 @@ terms always use ``tau = 1``.
 Ranking loss: :class:`RankLoss`; the union and the teacher score of uncached tokens are defined in
 :func:`rank_union`.
 
-Cost: :class:`DistillLoss` reads the (N, V) logits in one fused pass (:func:`~rlkd.core.sparse.vocab_stats`:
-logsumexp, the exact tail logsumexp, every gather) plus one blocked top-k (:func:`top_ids`) for the ranking union,
-and writes one (N, V) gradient; on CPU the whole loss costs less than ``F.cross_entropy`` on the same logits.
+Cost: :class:`DistillLoss` reads the (N, V) logits in one fused pass (:func:`rlkd.core.kernels.vocab_stats`:
+logsumexp, the exact tail logsumexp, every gather) plus one blocked top-k (:func:`rlkd.core.kernels.top_ids`) for the
+ranking union, and writes one (N, V) gradient; on CPU the whole loss costs less than ``F.cross_entropy`` on the same
+logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-from rlkd.core.sparse import (
-    SparseView,
-    bucket_view,
-    compute_dtype,
-    forward_kl,
-    sparse_view,
-    vocab_stats,
-    xlogx_ratio,
-)
+from rlkd.core.kernels import compute_dtype, top_ids, vocab_stats
+from rlkd.core.sparse import SparseView, bucket_view, forward_kl, sparse_view, xlogx_ratio
 from rlkd.core.targets import TeacherTargets
+from rlkd.trainer.config import LossConfig
 from rlkd.trainer.softrank import soft_rank
 
 __all__ = [
     "LOSS_TERMS",
     "DistillLoss",
-    "LossConfig",
-    "NextTokenCE",
     "RankLoss",
     "SparseForwardKL",
     "SparseReverseKL",
     "SparseTVD",
     "rank_union",
-    "top_ids",
 ]
 
 LOSS_TERMS = ("kd", "rank", "ce", "total", "overlap")
@@ -56,55 +45,6 @@ LOSS_TERMS = ("kd", "rank", "ce", "total", "overlap")
 LOG_FLOOR = -100.0
 """Floor for teacher log-probabilities inside the reverse KL: a teacher tail of exactly 0 (top-k holding all the
 mass) would make it infinite for any student; -100 nats keeps it finite and still dominant."""
-
-
-@dataclass
-class LossConfig:
-    """What the student is trained on. Defaults follow RLKD (Peng & Zhang 2024): ``L = 2 * L_rank + L_kd``."""
-
-    kd: Literal["forward_kl", "reverse_kl", "tvd", "none"] = "forward_kl"
-    """Distribution-matching term against the cached top-k: forward KL(teacher || student), reverse KL, total
-    variation distance, or none (ranking and/or CE only)."""
-    tail: Literal["bucket", "renormalize"] = "bucket"
-    """How the mass outside the cached top-k is handled: one extra bucket per distribution (unbiased for the
-    bucketed distributions), or renormalise the teacher over the top-k (DistillKit's ``zero``)."""
-    kd_weight: float = 1.0
-    """Weight of the kd term in the total."""
-    rank_weight: float = 2.0
-    """Weight of the RLKD ranking loss (1 - soft Spearman over the union of top-rank_k sets); 0 turns it off."""
-    rank_k: int = 5
-    """k_r: size of the teacher's and the student's top sets whose union is ranked. The paper uses 5 with KD and
-    10-15 for ranking alone. Needs a cache with k >= rank_k."""
-    rank_strength: float = 1.0
-    """L2 regularisation strength of the soft ranks (torchsort's ``regularization_strength``; 1.0 in the paper).
-    Soft ranks are shift- but not scale-invariant, so this acts on log-probability units."""
-    dynamic: bool = False
-    """Weight the kd term per position by |top-k_r(teacher) & top-k_r(student)| / k_r (detached)."""
-    ce_weight: float = 0.0
-    """Weight of cross-entropy on the real next token (0 in the paper; always computed and logged)."""
-    temperature: float = 1.0
-    """Distillation temperature for the kd term (see :mod:`rlkd.core.sparse` for the tail approximation)."""
-    chunk_size: int = 256
-    """Positions per chunk of the LM head + loss; bounds the (chunk, vocab) logits kept at once."""
-
-    def validate(self) -> list[str]:
-        problems = []
-        if self.kd_weight < 0 or self.rank_weight < 0 or self.ce_weight < 0:
-            problems.append("kd_weight, rank_weight and ce_weight must be >= 0")
-        if self.temperature <= 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if self.rank_k < 2:
-            problems.append(f"rank_k must be >= 2 (a rank correlation needs two items), got {self.rank_k}")
-        if self.rank_strength <= 0:
-            problems.append(f"rank_strength must be > 0, got {self.rank_strength}")
-        if self.chunk_size < 1:
-            problems.append(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.dynamic and self.kd == "none":
-            problems.append("dynamic=true weights the kd term, but kd is 'none': set a kd loss or dynamic=false")
-        active = (self.kd != "none" and self.kd_weight > 0) or self.rank_weight > 0 or self.ce_weight > 0
-        if not active:
-            problems.append("no loss term is active: set kd (with kd_weight > 0), rank_weight > 0 or ce_weight > 0")
-        return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,48 +94,8 @@ class SparseTVD(nn.Module):
         return 0.5 * (head + (v.teacher_tail.exp() - v.student_tail.exp()).abs())  # (N,)
 
 
-class NextTokenCE(nn.Module):
-    """Cross-entropy on the real next token: ``-log_softmax(z)[target] = logsumexp(z) - z[target]``.
-
-    Shapes: logits (N, V), target_ids (N,), optional precomputed logsumexp (N,) -> (N,).
-    Source: the usual LM objective; RLKD (Peng & Zhang 2024) trains without it (weight 0), as does our default.
-    :class:`DistillLoss` computes the same value from its fused pass (``lse - z[target]``).
-    """
-
-    def forward(self, logits: Tensor, target_ids: Tensor, lse: Tensor | None = None) -> Tensor:
-        z = logits.to(compute_dtype(logits))
-        if lse is None:
-            lse = torch.logsumexp(z, dim=-1)
-        return lse - z.gather(1, target_ids[:, None]).squeeze(1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # RLKD ranking loss.
-
-
-def top_ids(scores: Tensor, k: int, block: int = 128) -> Tensor:
-    """Ids of the ``k`` largest entries of each row of ``scores`` (N, V), largest first: (N, k) int64.
-
-    The same values as ``torch.topk(scores, k).indices`` (which of several exactly tied entries is taken may differ),
-    3-4x faster on CPU at V = 49,152, where ``torch.topk`` was most of the ranking loss's cost. Split each row into
-    blocks of ``block`` entries and take every block's max (one vectorised pass, no sort), then the k blocks with the
-    largest maxima. An entry outside them is at most its block's max, hence at most each chosen block's max: k
-    candidates are at least as large, so a ``topk`` over the k * block candidates is exact. Entries past the last
-    whole block are candidates too.
-    """
-    n, v = scores.shape
-    n_blocks = v // block
-    if n_blocks <= k:  # small vocabularies: nothing to gain
-        return torch.topk(scores, k, dim=-1).indices
-    block_max = scores[:, : n_blocks * block].unfold(1, block, block).amax(dim=2)  # (N, n_blocks), a view: no copy
-    best = torch.topk(block_max, k, dim=1).indices  # (N, k) block numbers
-    offsets = torch.arange(block, device=scores.device)
-    cand = (best[:, :, None] * block + offsets).reshape(n, k * block)  # (N, k * block) candidate ids
-    if n_blocks * block < v:
-        rest = torch.arange(n_blocks * block, v, device=scores.device).expand(n, -1)  # (N, V mod block)
-        cand = torch.cat([cand, rest], dim=1)
-    pick = torch.topk(scores.gather(1, cand), k, dim=1).indices  # (N, k) positions among the candidates
-    return cand.gather(1, pick)
 
 
 def rank_union(student_logits: Tensor, targets: TeacherTargets, k_r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -323,7 +223,6 @@ class DistillLoss(nn.Module):
         kd_cls = {"forward_kl": SparseForwardKL, "reverse_kl": SparseReverseKL, "tvd": SparseTVD}
         self.kd_loss = kd_cls[cfg.kd]() if cfg.kd != "none" else None
         self.rank_loss = RankLoss(cfg.rank_k, cfg.rank_strength)
-        self.ce_loss = NextTokenCE()
 
     def check_targets(self, targets: TeacherTargets, vocab_size: int) -> None:
         """Raise a clear ValueError when the targets cannot be used with a vocabulary of ``vocab_size``.
@@ -359,7 +258,7 @@ class DistillLoss(nn.Module):
         # One fused pass gives logsumexp, the exact tail logsumexp and every gathered logit; no (N, V) log-softmax.
         lse, tail_lse, z_cached, z_extra = vocab_stats(z, targets.topk_ids, valid, torch.cat(extra, dim=1))
 
-        ce = lse - z_extra[:, 0]  # (N,)  = NextTokenCE
+        ce = lse - z_extra[:, 0]  # (N,) cross-entropy on the real next token: logsumexp(z) - z[target]
 
         rank, overlap = zeros, zeros
         if union is not None:

