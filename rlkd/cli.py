@@ -34,6 +34,18 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
+        except Exception as e:
+            if isinstance(e, _cache_errors()):  # a damaged, foreign or busy cache: the message says what to do
+                raise click.ClickException(str(e)) from None
+            raise
+
+
+def _cache_errors() -> tuple[type, ...]:
+    """The cache's user-facing errors, every command's to report cleanly (imported only once something failed, so
+    `rlkd --help` stays light)."""
+    from rlkd.cache.manifest import CacheCorruptError, CacheDirError, CacheLockedError, CacheMismatchError
+
+    return CacheCorruptError, CacheDirError, CacheLockedError, CacheMismatchError
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -314,16 +326,24 @@ def inspect_cmd(cache, as_json, **flags):
 @main.command("verify")
 @click.argument("cache", type=click.Path(file_okay=False, path_type=str))
 @click.option("--deep", is_flag=True, help="Also decode every row and check ids, rank order, mass and alignment.")
+@click.option("--repair", is_flag=True,
+              help="Make a damaged cache resumable: rename each damaged shard to NAME.parquet.damaged (nothing is "
+                   "deleted), drop it and every missing shard from the manifest, and mark the cache incomplete; "
+                   "re-running `rlkd cache-teacher` then scores their rows again. With --deep, rows that break the "
+                   "invariants count as damage too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(cache, deep, as_json):
+def verify(cache, deep, repair, as_json):
     """Check a cache against its manifest (sha256, sizes, rows, schema, version); exit 0 only when clean.
 
-    All problems are reported at once.
+    All problems are reported at once. --repair fixes what a re-run of stage 1 can make good again.
     """
     import json
 
-    from rlkd.cache.verify import verify_report
+    from rlkd.cache.verify import repair_cache, verify_report
 
+    if repair:
+        _repair(cache, deep, as_json, repair_cache)
+        return
     report = verify_report(cache, deep=deep)
     problems = report["problems"]
     if as_json:
@@ -336,9 +356,31 @@ def verify(cache, deep, as_json):
             click.echo(f"{cache}: {len(problems)} problem(s) ({what}; {summary}):", err=True)
             for p in problems:
                 click.echo(f"  - {p}", err=True)
+            if report["damaged"]:
+                click.echo(f"{len(report['damaged'])} shard(s) are damaged or missing: `rlkd verify --repair "
+                           f"{cache}` moves them aside so that re-running stage 1 scores their rows again.", err=True)
         else:
             click.echo(f"{cache}: OK ({what}; {summary})")
     sys.exit(1 if problems else 0)
+
+
+def _repair(cache: str, deep: bool, as_json: bool, repair_cache) -> None:
+    import json
+
+    result = repair_cache(cache, deep=deep)  # CacheCorruptError (what it cannot repair) becomes a clean message
+    if as_json:
+        click.echo(json.dumps({key: v for key, v in result.items() if key != "report"}, indent=1))
+        return
+    if not result["moved"] and not result["missing"]:
+        click.echo(f"{cache}: no damaged or missing shard, nothing to repair")
+        return
+    click.echo(f"{cache}: repaired; {result['rows_dropped']:,} rows dropped from the manifest:")
+    for old, new in result["moved"]:
+        click.echo(f"  - {old} -> {new} (damaged, moved aside)")
+    for rel in result["missing"]:
+        click.echo(f"  - {rel} (missing)")
+    click.echo("Re-run the `rlkd cache-teacher` command that wrote this cache (its settings are under \"config\" in "
+               "manifest.json) to score those rows again; the *.damaged files can be deleted once it has finished.")
 
 
 # ---- models: make-student, convert-teacher ----------------------------------------------------------------------
