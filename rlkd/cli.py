@@ -114,8 +114,14 @@ def main():
                    "Needs `pip install 'rlkd[ray]'`.")
 @click.option("--ray-address", help="With --ray: cluster to join ('auto' = the running one) [default: a local one].")
 @click.option("--replicas", type=int, help="With --ray: engine replicas, each on --tensor-parallel-size GPUs [1].")
+@click.option("--verify-resume/--no-verify-resume", default=None,
+              help="On resume, check every finished shard's sha256 before trusting it [default: on]; --no-... "
+                   "checks sizes only (faster on a large cache, but a flipped byte goes unnoticed).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar [default: on].")
-def cache_teacher_cmd(config_file, progress, use_ray, ray_address, replicas, **flags):
+@click.option("--verbose", is_flag=True,
+              help="Show vLLM's, torch's and datasets' own output here [default: it goes to OUT/cache-teacher.log, "
+                   "and the terminal shows rlkd's progress, notes and errors].")
+def cache_teacher_cmd(config_file, progress, verbose, use_ray, ray_address, replicas, **flags):
     """Stage 1: run the teacher once over a dataset and cache each position's top-k log-probs.
 
     \b
@@ -126,30 +132,53 @@ def cache_teacher_cmd(config_file, progress, use_ray, ray_address, replicas, **f
     tokenizer, dataset, k or codec on an existing --out is refused. For N machines: --shard I/N --out cache/part-I
     on each, then `rlkd cache-merge cache cache/part-*`.
     """
-    from rlkd.cache import CacheLockedError, CacheMismatchError
+    from pathlib import Path
+
+    from rlkd.cache.writer import LOG_NAME, check_cache_dir, make_cache_dir
     from rlkd.config import build_config, load_yaml
+    from rlkd.logs import dependency_output_to
     from rlkd.pipeline.config import CacheTeacherConfig
     from rlkd.pipeline.engines import EngineError
     from rlkd.pipeline.formatting import FormatError
-    from rlkd.pipeline.run import DiskFullError, TeacherNotFoundError, cache_teacher, format_summary
+    from rlkd.pipeline.run import DiskFullError, TeacherNotFoundError, cache_teacher, format_summary, resolve_teacher
 
     file_values = load_yaml(config_file) if config_file else {}
     cfg = build_config(CacheTeacherConfig, file_values, flags, source=config_file or "flags")
     if not use_ray and (ray_address or replicas):
         raise click.UsageError("--ray-address and --replicas need --ray")
-    errors: tuple = (TeacherNotFoundError, FormatError, CacheMismatchError, CacheLockedError, EngineError,
-                     DiskFullError)
+    errors: tuple = (TeacherNotFoundError, FormatError, EngineError, DiskFullError)
     try:
-        if use_ray:
-            from rlkd.pipeline.ray_run import RayStage1Error, cache_teacher_ray
-
-            errors += (RayStage1Error, ImportError)
-            summary = cache_teacher_ray(cfg, replicas=replicas or 1, ray_address=ray_address, progress=progress)
-        else:
-            summary = cache_teacher(cfg, progress=progress)
-    except errors as e:
+        resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # a wrong --teacher fails before --out is created
+    except TeacherNotFoundError as e:
         raise click.ClickException(str(e)) from None
+    if verbose:
+        check_cache_dir(cfg.out, "--out")
+    else:
+        make_cache_dir(cfg.out, "--out")  # checked before the log file goes into it
+    log_path = None if verbose else Path(cfg.out) / LOG_NAME
+    try:
+        with dependency_output_to(log_path, title="rlkd cache-teacher"):
+            if log_path is not None:
+                click.echo(f"rlkd: output of vLLM, torch and datasets goes to {log_path} (--verbose shows it here)",
+                           file=_console())
+            if use_ray:
+                from rlkd.pipeline.ray_run import RayStage1Error, cache_teacher_ray
+
+                errors += (RayStage1Error, ImportError)
+                summary = cache_teacher_ray(cfg, replicas=replicas or 1, ray_address=ray_address, progress=progress)
+            else:
+                summary = cache_teacher(cfg, progress=progress)
+    except errors as e:
+        engine_failed = isinstance(e, (EngineError, ImportError)) or type(e).__name__ == "RayStage1Error"
+        hint = f"\n(the engine's own output is in {log_path})" if engine_failed and log_path is not None else ""
+        raise click.ClickException(f"{e}{hint}") from None
     click.echo(format_summary(summary), err=True)
+
+
+def _console():
+    from rlkd.logs import console
+
+    return console()
 
 
 @main.command("cache-merge")

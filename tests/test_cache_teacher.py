@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 from rlkd.cache import CacheMismatchError, CacheReader, read_manifest, verify_cache
+from rlkd.cache.manifest import TMP_SUFFIX
 from rlkd.cli import main
 from rlkd.config import build_config
 from rlkd.pipeline.config import CacheTeacherConfig
@@ -338,8 +339,11 @@ def test_disk_full_keeps_finished_shards_and_resumes(tiny_teacher_dir, hf_engine
     assert exc.value.errno == errno.ENOSPC
     kept = read_manifest(out)
     assert not kept["complete"] and len(kept["shards"]) >= 1
+    assert "the open shard was dropped" in str(exc.value)
+    assert not [p.name for p in out.iterdir() if p.name.endswith((TMP_SUFFIX, ".tmp"))]  # ... and really is gone
     assert verify_cache(out, deep=True) == [
-        "manifest is not marked complete: the writer did not finish (resume stage 1 to complete it)"]
+        "manifest is not marked complete: the writer did not finish (resume stage 1 to complete it: re-run the "
+        "`rlkd cache-teacher` command that wrote it)"]
     monkeypatch.setattr(CacheWriter, "_flush_row_group", real_flush)
     summary = cache_teacher(cfg, engine=engine, progress=False)
     assert summary["rows_already_cached"] == kept["rows"] and summary["rows_in_cache"] == 59

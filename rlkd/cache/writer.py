@@ -104,6 +104,15 @@ def _is_rlkd_shard(path: Path) -> bool:
     return b"rlkd.format_version" in meta
 
 
+def _is_own_subfolder(path: Path) -> bool:
+    """A part of a sharded or Ray run (``OUT/part-0/``): an rlkd cache itself, or holding only rlkd's own files."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if manifest_path(path).exists():
+        return True
+    return all(p.name in OWN_NAMES or is_own_temporary(p) for p in path.iterdir())
+
+
 def check_cache_dir(out_dir: str | os.PathLike, what: str = "the cache folder") -> None:
     """Refuse, before anything is written, a cache folder rlkd must not write into; see :class:`CacheDirError`.
 
@@ -127,7 +136,8 @@ def check_cache_dir(out_dir: str | os.PathLike, what: str = "the cache folder") 
                             "give a folder you can write to")
     if existing != path or manifest_path(path).exists():
         return
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN_NAMES and not is_own_temporary(p))
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN_NAMES and not is_own_temporary(p)
+                     and not _is_own_subfolder(p))
     if not foreign:
         return
     shards = [name for name in foreign if name.endswith(".parquet") and _is_rlkd_shard(path / name)]
@@ -141,6 +151,20 @@ def check_cache_dir(out_dir: str | os.PathLike, what: str = "the cache folder") 
         f"{what} {path} is not empty and is not an rlkd cache (no {MANIFEST_NAME}): it holds {listing}. rlkd writes "
         "a cache only into a new or empty folder or into one of its own caches, so it never mixes with (or cleans "
         "up) other files: give a new folder")
+
+
+def make_cache_dir(out_dir: str | os.PathLike, what: str = "the cache folder") -> Path:
+    """:func:`check_cache_dir`, then create the folder (and its parents); a failure is a :class:`CacheDirError`
+    naming the folder (a full disk stays an ``OSError`` with ``ENOSPC``, which callers report as such)."""
+    path = Path(out_dir)
+    check_cache_dir(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        raise CacheDirError(f"{what} {path} cannot be created: {e.strerror or e}") from None
+    return path
 
 
 def acquire_lock(out_dir: Path, holder: str) -> int:
@@ -255,9 +279,8 @@ class CacheWriter:
         self._closed = False
         self._session = {"rows": 0, "positions": 0, "bytes": 0, "shards": 0, "skipped_duplicates": 0}
         self.verify_shards = bool(verify_shards)
-        check_cache_dir(self.out_dir)
+        make_cache_dir(self.out_dir)
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd = acquire_lock(self.out_dir, "CacheWriter")
         except OSError as e:
             if e.errno == errno.ENOSPC:

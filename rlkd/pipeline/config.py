@@ -16,6 +16,9 @@ PROMPT_FORMATS = ("auto", "chat", "plain")
 LOSS_ON = ("response", "all")
 DATASET_FORMATS = ("json", "parquet", "csv", "arrow")
 
+DEFAULT_MAX_LENGTH = 1024
+"""``max_length`` when it is not given (lowered to what the teacher takes)."""
+
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -84,8 +87,10 @@ class CacheTeacherConfig:
     loss_on: str = "response"
     """``response``: train on the assistant/response tokens only (and their end-of-turn token). ``all``: every
     token. ``text`` datasets are always trained on every token."""
-    max_length: int = 1024
-    """Longest sequence in tokens, prompt and response together."""
+    max_length: int | None = None
+    """Longest sequence in tokens, prompt and response together. Unset: ``DEFAULT_MAX_LENGTH`` (1024), lowered (with a
+    note) to the most the teacher takes: the position limit in its config.json, less the one token vLLM generates.
+    A value above that limit is refused before any work."""
     overlong: str = "truncate"
     """Rows longer than ``max_length``: ``truncate`` keeps the prompt and cuts the response; ``skip`` drops them.
     A row whose prompt alone fills ``max_length`` is always skipped. Both are counted in the summary."""
@@ -103,6 +108,10 @@ class CacheTeacherConfig:
     """Rotate to a new Parquet shard after about this many MiB."""
     row_group_rows: int = 256
     """Rows per Parquet row group: the unit stage 2 reads and shuffles, and the granularity of shard rotation."""
+    verify_resume: bool = True
+    """On resume, check the sha256 of every finished shard before trusting it (reads the whole cache once; a damaged
+    shard stops the run with the way out). ``False`` checks sizes only: faster on a large cache, but a flipped byte
+    goes unnoticed until ``rlkd verify``."""
 
     # ---- engine --------------------------------------------------------------------------------------------------
     engine: str = "vllm"
@@ -150,11 +159,14 @@ class CacheTeacherConfig:
             p.append(f"top_k: must lie in 1..{MAX_K}, got {self.top_k}")
         if self.min_prob is not None and not 0.0 < self.min_prob < 1.0:
             p.append(f"min_prob: must lie in (0, 1), got {self.min_prob}")
-        if not 1 <= self.min_k <= self.top_k:
+        top_k_ok = 1 <= self.top_k <= MAX_K
+        if top_k_ok and not 1 <= self.min_k <= self.top_k:  # against an invalid top_k this would only add noise
             p.append(f"min_k: must lie in 1..top_k={self.top_k}, got {self.min_k}")
+        elif not top_k_ok and self.min_k < 1:
+            p.append(f"min_k: must be >= 1, got {self.min_k}")
         if self.min_prob is None and self.min_k != 1:
             p.append(f"min_k={self.min_k} has no effect without min_prob: set --min-prob too, or drop --min-k")
-        if self.max_length < 2:
+        if self.max_length is not None and self.max_length < 2:
             p.append(f"max_length: must be >= 2 tokens (one prompt token and one target), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             p.append(f"limit: must be >= 1, got {self.limit} (leave it unset to use every row)")
