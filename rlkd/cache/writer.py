@@ -369,8 +369,7 @@ class CacheWriter:
         return None
 
     def _adopt(self, path: Path) -> None:
-        move = (f"move it out of {self.out_dir} (or run `rlkd verify --repair {self.out_dir}`, which renames it to "
-                f"{path.name}{DAMAGED_SUFFIX})")
+        move = f"move it out of {self.out_dir} (its rows are then scored again)"
         try:
             schema = pq.read_schema(path)
             meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}

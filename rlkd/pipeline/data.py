@@ -125,30 +125,31 @@ def check_text_file(path: Path, fmt: str) -> None:
     """Before handing a local, uncompressed text file (json/jsonl, csv) to the loader, check what its errors would
     hide: an empty file (the loader says "StopIteration") and bytes that are not UTF-8 (the loader accepts them and a
     later step fails far from the cause). Names the file and line. One streaming pass, at disk speed."""
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset, content = 1, 0, False
+    lines_before, start, carry, content = 0, 0, b"", False  # start: file offset of ``data``
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
+        while True:
+            block = f.read(1 << 22)
+            data = carry + block
             try:
-                decoder.decode(block)
+                data.decode("utf-8")
+                carry = b""
             except UnicodeDecodeError as e:
-                at = e.start
-                bad_line = line + block.count(b"\n", 0, at)
-                column = at - (block.rfind(b"\n", 0, at) + 1) + 1
-                raise DatasetError(
-                    f"dataset {path}: line {bad_line} is not UTF-8 (byte 0x{block[at]:02x} at byte {offset + at} of "
-                    f"the file, column {column} of the line). Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
-                    f"{path.name} > fixed.{path.name.rsplit('.', 1)[-1]}`)") from None
-            content = content or bool(block.strip())
-            line += block.count(b"\n")
-            offset += len(block)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise DatasetError(f"dataset {path}: the last line ends in the middle of a UTF-8 character (line {line}); "
-                               "save the file as UTF-8") from None
+                if block and e.reason == "unexpected end of data" and e.start >= len(data) - 3:
+                    carry = data[e.start:]  # a character split between two reads: judge it with the next one
+                    data = data[:e.start]
+                else:
+                    at = e.start
+                    line = lines_before + data.count(b"\n", 0, at) + 1
+                    column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+                    raise DatasetError(
+                        f"dataset {path}: line {line} is not UTF-8 (byte 0x{data[at]:02x} at column {column}, byte "
+                        f"{start + at} of the file). Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                        f"{path.name} > fixed-{path.name}`)") from None
+            if not block:
+                break
+            content = content or bool(data.strip())
+            lines_before += data.count(b"\n")
+            start += len(data)
     if not content:
         raise DatasetError(f"dataset {path} is empty: it holds no {'rows' if fmt == 'json' else 'data'}")
 
