@@ -86,7 +86,9 @@ def main():
 @click.option("--prompt-format", type=click.Choice(["auto", "chat", "plain"]),
               help="chat template, rlkd's plain format, or auto (chat when the tokenizer has a template).")
 @click.option("--loss-on", type=click.Choice(["response", "all"]), help="Tokens to train on [default: response].")
-@click.option("--max-length", type=int, help="Longest sequence in tokens [default: 1024].")
+@click.option("--max-length", type=int,
+              help="Longest sequence in tokens [default: 1024, lowered to what the teacher takes: its position "
+                   "limit, less one for vLLM's generated token].")
 @click.option("--overlong", type=click.Choice(["truncate", "skip"]),
               help="Rows over --max-length: cut the response or drop the row [default: truncate]; counted.")
 @click.option("--top-k", type=int, help="Teacher log-probs kept per position [default: 20].")
@@ -129,8 +131,9 @@ def cache_teacher_cmd(config_file, progress, verbose, use_ray, ray_address, repl
         --dataset databricks/databricks-dolly-15k --out cache/dolly --top-k 20
     \b
     Re-running the same command resumes: rows already in finished shards are skipped. A different teacher,
-    tokenizer, dataset, k or codec on an existing --out is refused. For N machines: --shard I/N --out cache/part-I
-    on each, then `rlkd cache-merge cache cache/part-*`.
+    tokenizer, dataset, k or codec on an existing --out is refused, and so is a folder holding other files. A
+    damaged shard stops a resume: `rlkd verify --repair OUT` moves it aside, and the next run scores its rows again.
+    For N machines: --shard I/N --out cache/part-I on each, then `rlkd cache-merge cache cache/part-*`.
     """
     from pathlib import Path
 
