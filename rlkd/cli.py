@@ -81,19 +81,47 @@ def cache_teacher_cmd(config_file, **flags):
         --dataset databricks/databricks-dolly-15k --out cache/dolly --top-k 20
     \b
     Re-running the same command resumes: rows already in finished shards are skipped. A different teacher,
-    tokenizer, dataset, k or codec on an existing --out is refused. For N machines: --shard I/N --out cache/part-I
-    on each, then `rlkd cache-merge cache cache/part-*`.
+    tokenizer, dataset, k or codec on an existing --out is refused, and so is a folder holding other files. A
+    damaged shard stops a resume: `rlkd verify --repair OUT` moves it aside, and the next run scores its rows again.
+    For N machines: --shard I/N --out cache/part-I on each, then `rlkd cache-merge cache cache/part-*`.
     """
-    from rlkd.pipeline.run import cache_teacher, format_summary
+    from pathlib import Path
+
+    from rlkd.cache.writer import LOG_NAME, check_cache_dir, make_cache_dir
+    from rlkd.logs import console, dependency_output_to
+    from rlkd.pipeline.engines import EngineError
+    from rlkd.pipeline.run import cache_teacher, format_summary, resolve_teacher
 
     cfg = _config(CacheTeacherConfig, flags, config_file)
-    if cfg.ray:
-        from rlkd.pipeline.ray_run import cache_teacher_ray
-
-        summary = cache_teacher_ray(cfg, replicas=cfg.replicas, ray_address=cfg.ray_address, progress=cfg.progress)
+    resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # a wrong --teacher fails before --out is created
+    if cfg.verbose:
+        check_cache_dir(cfg.out, "--out")
     else:
-        summary = cache_teacher(cfg, progress=cfg.progress)
+        make_cache_dir(cfg.out, "--out")  # checked before the log file goes into it
+    log_path = None if cfg.verbose else Path(cfg.out) / LOG_NAME
+    try:
+        with dependency_output_to(log_path, title="rlkd cache-teacher"):
+            if log_path is not None:
+                click.echo(f"rlkd: output of vLLM, torch and datasets goes to {log_path} (--verbose shows it here)",
+                           file=console())
+            if cfg.ray:
+                from rlkd.pipeline.ray_run import cache_teacher_ray
+
+                summary = cache_teacher_ray(cfg, replicas=cfg.replicas, ray_address=cfg.ray_address,
+                                            progress=cfg.progress)
+            else:
+                summary = cache_teacher(cfg, progress=cfg.progress)
+    except UserError as e:
+        engine_failed = isinstance(e, EngineError) or type(e).__name__ == "RayStage1Error"
+        hint = f"\n(the engine's own output is in {log_path})" if engine_failed and log_path is not None else ""
+        raise click.ClickException(f"{e}{hint}") from None
     click.echo(format_summary(summary), err=True)
+
+
+def _console():
+    from rlkd.logs import console
+
+    return console()
 
 
 @main.command("cache-merge")
@@ -203,13 +231,16 @@ def inspect_cmd(**flags):
 def verify(**flags):
     """Check a cache against its manifest (sha256, sizes, rows, schema, version); exit 0 only when clean.
 
-    All problems are reported at once.
+    All problems are reported at once. --repair fixes what a re-run of stage 1 can make good again.
     """
     import json
 
-    from rlkd.cache.verify import verify_report
+    from rlkd.cache.verify import repair_cache, verify_report
 
     opts = _config(VerifyOptions, flags)
+    if opts.repair:
+        _repair(opts.cache, opts.deep, opts.json, repair_cache)
+        return
     report = verify_report(opts.cache, deep=opts.deep)
     problems = report["problems"]
     if opts.json:
@@ -222,9 +253,31 @@ def verify(**flags):
             click.echo(f"{opts.cache}: {len(problems)} problem(s) ({what}; {summary}):", err=True)
             for p in problems:
                 click.echo(f"  - {p}", err=True)
+            if report["damaged"]:
+                click.echo(f"{len(report['damaged'])} shard(s) are damaged or missing: `rlkd verify --repair "
+                           f"{opts.cache}` moves them aside so that re-running stage 1 scores their rows again.", err=True)
         else:
             click.echo(f"{opts.cache}: OK ({what}; {summary})")
     sys.exit(1 if problems else 0)
+
+
+def _repair(cache: str, deep: bool, as_json: bool, repair_cache) -> None:
+    import json
+
+    result = repair_cache(cache, deep=deep)  # CacheCorruptError (what it cannot repair) becomes a clean message
+    if as_json:
+        click.echo(json.dumps({key: v for key, v in result.items() if key != "report"}, indent=1))
+        return
+    if not result["moved"] and not result["missing"]:
+        click.echo(f"{cache}: no damaged or missing shard, nothing to repair")
+        return
+    click.echo(f"{cache}: repaired; {result['rows_dropped']:,} rows dropped from the manifest:")
+    for old, new in result["moved"]:
+        click.echo(f"  - {old} -> {new} (damaged, moved aside)")
+    for rel in result["missing"]:
+        click.echo(f"  - {rel} (missing)")
+    click.echo("Re-run the `rlkd cache-teacher` command that wrote this cache (its settings are under \"config\" in "
+               "manifest.json) to score those rows again; the *.damaged files can be deleted once it has finished.")
 
 
 # ---- models: make-student, convert-teacher ----------------------------------------------------------------------

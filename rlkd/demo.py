@@ -253,6 +253,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers' own "Loading weights" / "Writing model shards" bars (make-student, train-student, inspect
+    # --student) say nothing at this size; rlkd's bars are its own and stay. cache-teacher keeps vLLM's and datasets'
+    # output in its cache folder's cache-teacher.log by itself.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         run_demo(cfg)
     except subprocess.CalledProcessError as e:

@@ -24,6 +24,7 @@ import torch
 from click.testing import CliRunner
 
 from rlkd.cache import CacheMismatchError, CacheReader, read_manifest, verify_cache
+from rlkd.cache.manifest import TMP_SUFFIX
 from rlkd.cli import main
 from rlkd.config import build_config
 from rlkd.pipeline.config import CacheTeacherConfig
@@ -338,9 +339,79 @@ def test_disk_full_keeps_finished_shards_and_resumes(tiny_teacher_dir, hf_engine
     assert exc.value.errno == errno.ENOSPC
     kept = read_manifest(out)
     assert not kept["complete"] and len(kept["shards"]) >= 1
+    assert "the open shard was dropped" in str(exc.value)
+    assert not [p.name for p in out.iterdir() if p.name.endswith((TMP_SUFFIX, ".tmp"))]  # ... and really is gone
     assert verify_cache(out, deep=True) == [
-        "manifest is not marked complete: the writer did not finish (resume stage 1 to complete it)"]
+        "manifest is not marked complete: the writer did not finish (resume stage 1 to complete it: re-run the "
+        "`rlkd cache-teacher` command that wrote it)"]
     monkeypatch.setattr(CacheWriter, "_flush_row_group", real_flush)
     summary = cache_teacher(cfg, engine=engine, progress=False)
     assert summary["rows_already_cached"] == kept["rows"] and summary["rows_in_cache"] == 59
     assert verify_cache(out, deep=True) == []
+
+
+# ---- a teacher whose position limit is the default --max-length; what the terminal shows --------------------------
+
+DEPENDENCY_NOISE = ("Traceback", "Tokenizer not available", "NUMA", "reduce_op", "Triton", "triton",
+                    "Loading safetensors", "Generating train split", "INFO", "WARNING")
+"""What vLLM, torch and datasets print during a run (issue #13): none of it may reach the terminal by default."""
+
+
+def test_vllm_default_flags_on_a_1024_position_teacher_and_a_quiet_terminal(tiny_tokenizer_dir, vllm_cache_root,
+                                                                            tmp_path):
+    """One vLLM start, through the real CLI in a subprocess: a Llama with max_position_embeddings = 1024 (the default
+    --max-length, like every GPT-2) caches with default flags: the max length is lowered to 1023 (vLLM needs one
+    position for its generated token) and the run says so; rows are cut to exactly that. The terminal shows rlkd's
+    note, progress and summary, and none of vLLM's own output, which goes to OUT/cache-teacher.log."""
+    from rlkd.cache.writer import LOG_NAME
+
+    teacher = tmp_path / "teacher-1024"
+    tiny.make_llama(teacher, tiny_tokenizer_dir, max_position_embeddings=1024, seed=3)
+    data = tmp_path / "long.jsonl"
+    rows = _write_dolly(data, 4, seed=5)
+    rows[1]["response"] = " ".join(["the river is long and the model is good"] * 150)  # > 1024 tokens
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # An explicit --max-length above the limit: one clear error naming it, before anything is written.
+    too_long = CliRunner().invoke(main, ["cache-teacher", "--teacher", str(teacher), "--dataset", str(data),
+                                         "--out", str(tmp_path / "refused"), "--max-length", "1024"])
+    assert too_long.exit_code == 2, too_long.output
+    assert "--max-length 1024" in too_long.output and "largest --max-length is 1023" in too_long.output
+    assert "Traceback" not in too_long.output and not (tmp_path / "refused" / "manifest.json").exists()
+
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "rlkd.cli", "cache-teacher", "--teacher", str(teacher), "--dataset", str(data),
+           "--out", str(out), "--dtype", "float32", "--top-k", "8", "--enforce-eager", "--codec", "fp32"]
+    env = dict(_env(), OMP_NUM_THREADS="2", VLLM_CACHE_ROOT=str(vllm_cache_root))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "using --max-length 1023" in done.stderr and "1024 positions" in done.stderr
+    assert "cache-teacher done" in done.stderr and str(out / LOG_NAME) in done.stderr
+    for noise in DEPENDENCY_NOISE:
+        assert noise not in done.stderr, (noise, done.stderr)
+    assert done.stdout == ""
+    log = (out / LOG_NAME).read_text()
+    assert "'max_model_len': 1024" in log  # vLLM's own lines are kept, in the log
+    cached = _rows(out)
+    assert max(len(r.input_ids) for r in cached.values()) == 1023  # the long row is cut to the lowered limit
+    assert verify_cache(out, deep=True) == []
+
+
+def test_verbose_shows_dependency_output_and_default_keeps_it_in_the_log(tiny_teacher_dir, tmp_path):
+    from rlkd.cache.writer import LOG_NAME
+
+    outputs = {}
+    for mode, flags in (("default", []), ("verbose", ["--verbose"])):
+        data = tmp_path / f"{mode}.jsonl"  # a new file: `datasets` prints "Generating train split" for it
+        _write_dolly(data, 3, seed=6)
+        result = CliRunner().invoke(main, ["cache-teacher", "--teacher", str(tiny_teacher_dir), "--dataset", str(data),
+                                           "--engine", "hf", "--out", str(tmp_path / mode), "--no-progress",
+                                           "--top-k", "4", *flags])
+        assert result.exit_code == 0, result.output
+        outputs[mode] = result.output
+    assert "Generating train split" in outputs["verbose"]
+    assert "Generating train split" not in outputs["default"]
+    assert "Generating train split" in (tmp_path / "default" / LOG_NAME).read_text()
+    assert not (tmp_path / "verbose" / LOG_NAME).exists()
+    for text in outputs.values():
+        assert "using --max-length 512" in text and "cache-teacher done" in text  # rlkd's own lines either way

@@ -204,3 +204,50 @@ def test_tokenizer_compatibility(tiny_tokenizer_dir, tmp_path):
     tok.add_tokens(["<extra_token>"])
     with pytest.raises(TokenizerMismatchError, match="vocab"):
         check_tokenizer_compatible(tok, ident)
+
+
+def test_manifest_without_tokenizer_identity_is_reported(tmp_path):
+    """train-student refuses a cache whose manifest has no tokenizer identity, so verify must not call it OK."""
+    meta = test_meta()
+    del meta["tokenizer"]
+    with CacheWriter(tmp_path, meta, k=8) as w:
+        for r in make_rows(5, k=8, seed=23):
+            w.write(r)
+    for deep in (False, True):
+        problems = verify_cache(tmp_path, deep=deep)
+        assert len(problems) == 1 and "no tokenizer identity" in problems[0], problems
+    result = CliRunner().invoke(main, ["verify", str(tmp_path), "--deep"])
+    assert result.exit_code == 1 and "OK" not in result.output and "tokenizer" in result.output
+
+
+def test_cli_repair_moves_damaged_shards_aside_and_reports(cache):
+    runner = CliRunner()
+    shards = sorted(cache.glob("*.parquet"))
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    shards[1].unlink()
+    result = runner.invoke(main, ["verify", str(cache), "--repair"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert f"{shards[0].name} -> {shards[0].name}.damaged" in result.output
+    assert f"{shards[1].name} (missing)" in result.output and "rlkd cache-teacher" in result.output
+    assert (cache / f"{shards[0].name}.damaged").read_bytes() == data[:-1] + bytes([data[-1] ^ 1])
+    after = verify_cache(cache)
+    assert after == ["manifest is not marked complete: the writer did not finish (resume stage 1 to complete it: "
+                     "re-run the `rlkd cache-teacher` command that wrote it)"]
+    again = runner.invoke(main, ["verify", str(cache), "--repair"])  # nothing left to repair
+    assert again.exit_code == 0 and "nothing to repair" in again.output
+
+
+def test_repair_refuses_merged_caches_and_unreadable_manifests(clean, tmp_path):
+    from rlkd.pipeline.merge import merge_caches
+
+    part = tmp_path / "part-0"
+    shutil.copytree(clean, part)
+    merge_caches(tmp_path, [part])
+    result = CliRunner().invoke(main, ["verify", str(tmp_path), "--repair"])
+    assert result.exit_code == 1 and "merged from parts" in result.output and "Traceback" not in result.output
+    (part / "manifest.json").write_text("{not json")
+    result = CliRunner().invoke(main, ["verify", str(part), "--repair"])
+    assert result.exit_code == 1 and "not valid JSON" in result.output and "Traceback" not in result.output
+    assert "by hand" not in result.output

@@ -24,7 +24,7 @@ from rlkd.cache import (
     roundtrip,
     verify_cache,
 )
-from rlkd.cache.manifest import write_manifest
+from rlkd.cache.manifest import TMP_SUFFIX, write_manifest
 from tests.cache_helpers import assert_rows_equal, make_rows, test_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_rotation_row_groups_and_manifest_entries(tmp_path):
     assert m["rows"] == 60 and m["positions"] == sum(r.num_positions for r in rows)
     for e in m["shards"]:
         path = tmp_path / e["file"]
-        assert not path.name.endswith(".tmp")
+        assert not path.name.endswith(TMP_SUFFIX)
         assert e["bytes"] == path.stat().st_size
         assert e["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         md = pq.ParquetFile(path).metadata
@@ -116,7 +116,7 @@ def test_rotation_row_groups_and_manifest_entries(tmp_path):
     # the largest id of the whole cache, so stage 2 can check a student's vocabulary without a scan
     assert m["max_token_id"] == max(int(max(r.input_ids.max(), r.topk_ids.max())) for r in rows)
     assert sorted(read_ids(tmp_path)) == sorted(r.row_id for r in rows)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*" + TMP_SUFFIX))
 
 
 def test_reopen_appends_without_duplicates(tmp_path):
@@ -137,18 +137,18 @@ def test_reopen_appends_without_duplicates(tmp_path):
 
 
 def test_crash_with_tmp_left_loses_and_doubles_nothing(tmp_path):
-    """In-process crash: one shard finished, a second half-written as .tmp, the manifest not marked complete."""
+    """In-process crash: one shard finished, a second half-written as a temporary, the manifest not marked complete."""
     rows = make_rows(50, k=8, seed=5)
     w = CacheWriter(tmp_path, test_meta(), k=8, row_group_rows=5, shard_max_bytes=6_000)
     for r in rows[:30]:
         w.write(r)
-    assert list(tmp_path.glob("*.parquet.tmp")), "the test needs an unfinished shard"
+    assert list(tmp_path.glob("*.parquet" + TMP_SUFFIX)), "the test needs an unfinished shard"
     finished = set(read_ids(tmp_path))
     assert 0 < len(finished) < 30
     w._release_lock()  # the process "dies": the kernel drops the flock, nothing is closed
     del w
     with CacheWriter(tmp_path, test_meta(), k=8, row_group_rows=5, shard_max_bytes=6_000) as w2:
-        assert not list(tmp_path.glob("*.tmp")), "leftover .tmp files are removed on reopen"
+        assert not list(tmp_path.glob("*" + TMP_SUFFIX)), "leftover temporaries are removed on reopen"
         assert {r.row_id for r in rows if w2.has(r.row_id)} == finished
         for r in rows:
             if not w2.has(r.row_id):
@@ -183,7 +183,7 @@ def test_concurrent_writer_refused_and_lock_dies_with_process(tmp_path):
         with pytest.raises(CacheLockedError, match=f"pid {child.pid}") as err:
             CacheWriter(out, test_meta(), k=8)
         assert "another CacheWriter" in str(err.value)
-        assert list(out.glob("*.parquet.tmp")), "the other writer's .tmp must survive a refused open"
+        assert list(out.glob("*.parquet" + TMP_SUFFIX)), "the other writer's temporary must survive a refused open"
         child.stdin.write("go\n")
         child.stdin.flush()
         assert child.wait(timeout=60) == -signal.SIGKILL
@@ -270,3 +270,160 @@ def test_exception_inside_with_keeps_written_rows_and_marks_incomplete(tmp_path)
     assert m["complete"] is False and m["rows"] == 12
     assert any("not marked complete" in p for p in verify_cache(tmp_path))
     json.dumps(m)  # JSON-safe
+
+
+# ---- the cache folder: only rlkd's own files are touched, foreign folders are refused ------------------------------
+
+
+def test_only_own_temporaries_are_removed_on_reopen(tmp_path):
+    """A user's ``*.tmp`` (or anything not named and shaped like rlkd's temporary) survives a reopen; the writer's
+    own leftover shard temporary is removed."""
+    rows = make_rows(20, k=8, seed=30)
+    write_all(tmp_path, rows[:10], row_group_rows=5)
+    own = tmp_path / ("shard-00007.parquet" + TMP_SUFFIX)
+    own.write_bytes(b"PAR1 half a shard")  # what a killed writer leaves
+    keep = {
+        "notes.tmp": b"my notes",
+        "shard-00001.parquet.tmp": b"PAR1 not rlkd's current name",
+        "shard-00008.parquet" + TMP_SUFFIX: b"not a parquet file",  # rlkd's name, but not its content
+        "data" + TMP_SUFFIX: b"PAR1",  # not a shard name
+    }
+    for name, data in keep.items():
+        (tmp_path / name).write_bytes(data)
+    write_all(tmp_path, rows, row_group_rows=5)
+    assert not own.exists()
+    for name, data in keep.items():
+        assert (tmp_path / name).read_bytes() == data, name
+    assert sorted(read_ids(tmp_path)) == sorted(r.row_id for r in rows)
+
+
+def test_folder_with_foreign_files_is_refused_before_anything_is_written(tmp_path):
+    import pyarrow as pa
+
+    from rlkd.cache import CacheDirError
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.tmp").write_text("notes\n")
+    with pytest.raises(CacheDirError, match=r"not empty and is not an rlkd cache.*notes\.tmp"):
+        CacheWriter(notes, test_meta(), k=8)
+    assert sorted(p.name for p in notes.iterdir()) == ["notes.tmp"]  # no lock, no manifest written into it
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"x": [1, 2, 3]}), data / "mydata.parquet")
+    with pytest.raises(CacheDirError, match="mydata.parquet"):
+        CacheWriter(data, test_meta(), k=8)
+    assert sorted(p.name for p in data.iterdir()) == ["mydata.parquet"]
+
+    lost = tmp_path / "lost"  # rlkd shards whose manifest is gone: say so rather than "not a cache"
+    write_all(lost, make_rows(5, k=8, seed=31))
+    (lost / "manifest.json").unlink()
+    with pytest.raises(CacheDirError, match="holds rlkd shards .* but no manifest.json"):
+        CacheWriter(lost, test_meta(), k=8)
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(CacheDirError, match="is a file, not a folder"):
+        CacheWriter(a_file, test_meta(), k=8)
+    with pytest.raises(CacheDirError, match="a-file is a file"):
+        CacheWriter(a_file / "sub", test_meta(), k=8)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_all(empty, make_rows(3, k=8))  # an empty folder is fine
+    assert read_manifest(empty)["rows"] == 3
+
+
+def test_unlisted_foreign_parquet_in_a_cache_is_refused_not_deleted(tmp_path):
+    import pyarrow as pa
+
+    write_all(tmp_path, make_rows(5, k=8, seed=32))
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "mydata.parquet")
+    with pytest.raises(Exception, match="mydata.parquet is not an rlkd shard") as err:
+        CacheWriter(tmp_path, test_meta(), k=8)
+    assert "delete" not in str(err.value)
+    assert (tmp_path / "mydata.parquet").is_file()
+
+
+def test_empty_manifest_never_blocks_a_fresh_start(tmp_path):
+    """A run that stopped before its first shard (e.g. a bad --top-k) leaves a manifest listing nothing: the retry,
+    with other settings, starts afresh on it. A cache that holds rows still refuses other settings."""
+    with pytest.raises(RuntimeError):
+        with CacheWriter(tmp_path, test_meta(), k=16, codec="fp16"):
+            raise RuntimeError("the engine refused k=16")
+    m = read_manifest(tmp_path)
+    assert m["rows"] == 0 and m["shards"] == [] and not m["complete"] and m["k"] == 16
+    assert any("cache is empty" in p for p in verify_cache(tmp_path))
+    rows = make_rows(6, k=8, seed=33)
+    write_all(tmp_path, rows, meta=test_meta(dataset={"source": "other", "split": "train", "fingerprint": "x"}))
+    m = read_manifest(tmp_path)
+    assert m["k"] == 8 and m["codec"] == "q8" and m["rows"] == 6 and m["dataset"]["source"] == "other"
+    assert verify_cache(tmp_path, deep=True) == []
+    with pytest.raises(CacheMismatchError, match="k: 8 in the cache, 16 now"):
+        CacheWriter(tmp_path, test_meta(), k=16)
+
+
+# ---- resuming a damaged cache --------------------------------------------------------------------------------------
+
+
+def _three_shards(out) -> list[Path]:
+    rows = make_rows(45, k=8, seed=34)
+    write_all(out, rows, row_group_rows=5, shard_max_bytes=6_000)
+    shards = [out / e["file"] for e in read_manifest(out)["shards"]]
+    assert len(shards) >= 3
+    return shards
+
+
+def test_resume_checks_kept_shards_and_names_the_way_out(tmp_path):
+    from rlkd.cache import CacheCorruptError
+
+    shards = _three_shards(tmp_path)
+    data = bytearray(shards[1].read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit: only the checksum sees it
+    shards[1].write_bytes(bytes(data))
+    shards[2].unlink()
+    with pytest.raises(CacheCorruptError) as err:
+        CacheWriter(tmp_path, test_meta(), k=8)
+    msg = str(err.value)
+    assert f"{shards[1].name}" in msg and "sha256" in msg
+    assert f"{shards[2].name}" in msg and "missing" in msg
+    assert f"rlkd verify --repair {tmp_path}" in msg and "remove its entry" not in msg
+    assert read_manifest(tmp_path)["complete"] is True  # refused before touching the manifest
+    # --no-verify-resume: sizes only, so the flipped bit goes unnoticed (the documented trade-off), the missing
+    # shard does not
+    shards[2].write_bytes(b"")
+    with pytest.raises(CacheCorruptError, match=shards[2].name) as err:
+        CacheWriter(tmp_path, test_meta(), k=8, verify_shards=False)
+    assert shards[1].name not in str(err.value)
+
+
+def test_repair_then_resume_rescores_exactly_the_dropped_rows(tmp_path):
+    from rlkd.cache import repair_cache
+
+    rows = make_rows(45, k=8, seed=34)
+    shards = _three_shards(tmp_path)
+    before = read_manifest(tmp_path)
+    lost = {e["file"]: e["rows"] for e in before["shards"][1:3]}
+    data = bytearray(shards[1].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shards[1].write_bytes(bytes(data))
+    damaged_bytes = shards[1].read_bytes()
+    shards[2].unlink()
+    result = repair_cache(tmp_path)
+    assert result["moved"] == [(shards[1].name, shards[1].name + ".damaged")]
+    assert result["missing"] == [shards[2].name] and result["rows_dropped"] == sum(lost.values())
+    assert (tmp_path / (shards[1].name + ".damaged")).read_bytes() == damaged_bytes  # moved aside, not deleted
+    m = read_manifest(tmp_path)
+    assert not m["complete"] and [e["file"] for e in m["shards"]] == [e["file"] for e in before["shards"]
+                                                                      if e["file"] not in lost]
+    assert m["rows"] == before["rows"] - sum(lost.values())
+    with CacheWriter(tmp_path, test_meta(), k=8, row_group_rows=5, shard_max_bytes=6_000) as w:
+        missing = [r for r in rows if not w.has(r.row_id)]
+        assert len(missing) == sum(lost.values())
+        for r in missing:
+            w.write(r)
+    assert sorted(read_ids(tmp_path)) == sorted(r.row_id for r in rows)
+    assert verify_cache(tmp_path, deep=True) == []
+    back = {r.row_id: r for r in CacheReader(tmp_path, shuffle=False).iter_rows()}
+    for r in rows:
+        assert_rows_equal(r, back[r.row_id], logprobs=False)

@@ -151,3 +151,11 @@ def test_lm_head_flop_fraction_smollm2_135m():
     body = 30 * 3_538_944
     assert lm_head_flop_fraction(cfg) == pytest.approx(body / (body + 28_311_552), rel=1e-12)
     assert lm_head_flop_fraction(cfg) == pytest.approx(0.79, abs=0.005)
+
+
+def test_vllm_setting_it_refuses_is_one_clear_engine_error(tiny_teacher_dir, vllm_cache_root):
+    """vLLM validates its settings before loading anything; what it refuses (here a max_model_len above the tiny
+    teacher's 512 positions) is an EngineError with vLLM's reason, not a pydantic traceback."""
+    with pytest.raises(EngineError, match=r"vLLM refused the engine settings .*max_model_len \(600\)") as err:
+        VLLMEngine(tiny_teacher_dir, k=4, dtype="float32", max_model_len=600, enforce_eager=True)
+    assert "pydantic" not in str(err.value) and "For further information" not in str(err.value)

@@ -347,3 +347,20 @@ def test_shipped_dolly_sample(tok):
         r = json.loads(lines[e.source_index])
         text = masked_targets(tok, e)
         assert text == r["response"] + END or (e.truncated and r["response"].startswith(text))
+
+
+def test_utf8_check_names_the_line_across_read_blocks(tmp_path):
+    """The UTF-8 check reads in 4 MiB blocks: a character split between two blocks is valid, and a bad byte after it
+    is reported at its line and column (counted here by hand)."""
+    from rlkd.pipeline.data import DatasetError, check_text_file
+
+    path = tmp_path / "big.jsonl"
+    ok = b"a" * ((1 << 22) - 1) + "é".encode() + b"\n" + "line two ü\n".encode()
+    path.write_bytes(ok)
+    check_text_file(path, "json")  # no error: the split "é" is one valid character
+    path.write_bytes(ok + b"line three caf\xe9\n")
+    with pytest.raises(DatasetError, match=r"line 3 is not UTF-8 \(byte 0xe9 at column 15"):
+        check_text_file(path, "json")
+    path.write_bytes(b"\n \n")
+    with pytest.raises(DatasetError, match="is empty"):
+        check_text_file(path, "json")

@@ -78,6 +78,7 @@ def make_llama(
     seed: int = 0,
     init_std: float = 0.25,
     num_kv_heads: int | None = None,
+    max_position_embeddings: int = 512,
 ):
     """Save a random float32 Llama (head_dim = hidden / heads = 32) with the tokenizer beside it.
 
@@ -96,7 +97,7 @@ def make_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads or num_heads,
         head_dim=hidden_size // num_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         initializer_range=init_std,

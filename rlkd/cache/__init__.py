@@ -9,18 +9,19 @@ from rlkd.cache.codec import adaptive_counts, decode_logprobs, encode_logprobs, 
 from rlkd.cache.identity import TokenizerMismatchError, check_tokenizer_compatible, tokenizer_identity
 from rlkd.cache.manifest import (
     CacheCorruptError,
+    CacheDirError,
     CacheLockedError,
     CacheMismatchError,
     read_manifest,
 )
 from rlkd.cache.reader import CacheReader
 from rlkd.cache.schema import CODECS, FORMAT_VERSION, MAX_K, TeacherRow, make_row_id, row_problems
-from rlkd.cache.verify import verify_cache, verify_report
+from rlkd.cache.verify import repair_cache, verify_cache, verify_report
 from rlkd.cache.writer import CacheWriter
 
 __all__ = [
-    "CODECS", "FORMAT_VERSION", "MAX_K", "CacheCorruptError", "CacheLockedError", "CacheMismatchError",
+    "CODECS", "FORMAT_VERSION", "MAX_K", "CacheCorruptError", "CacheDirError", "CacheLockedError", "CacheMismatchError",
     "CacheReader", "CacheWriter", "TeacherRow", "TokenizerMismatchError", "adaptive_counts",
     "check_tokenizer_compatible", "decode_logprobs", "encode_logprobs", "make_row_id", "read_manifest",
-    "roundtrip", "row_problems", "tokenizer_identity", "verify_cache", "verify_report",
+    "repair_cache", "roundtrip", "row_problems", "tokenizer_identity", "verify_cache", "verify_report",
 ]

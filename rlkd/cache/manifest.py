@@ -14,8 +14,8 @@ Layout::
 
 ``file`` is relative to the cache directory and may contain sub-folders (``part-0/shard-00000.parquet``), so caches
 written by several workers into sibling folders can be merged by listing their shards in one manifest.
-The manifest is always replaced atomically (write ``manifest.json.tmp``, fsync, rename): a reader sees either the
-old or the new one, never half of one.
+The manifest is always replaced atomically (write ``manifest.json.rlkd-tmp``, fsync, rename): a reader sees either
+the old or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from rlkd.errors import UserError
 
 
 MANIFEST_NAME = "manifest.json"
+
+TMP_SUFFIX = ".rlkd-tmp"
+"""Suffix of every temporary file rlkd writes in a cache folder (``NAME.rlkd-tmp``, renamed to ``NAME`` when done).
+A name no other tool uses, so a writer that cleans up after a crash removes only its own temporaries."""
 
 IDENTITY_KEYS = ("format_version", "k", "codec", "teacher", "tokenizer", "dataset", "logprobs_mode", "temperature")
 """Keys that must agree for a writer to append to an existing cache: anything that changes what a row means.
@@ -51,6 +55,10 @@ class CacheLockedError(UserError, RuntimeError):
     """Another writer holds the cache directory."""
 
 
+class CacheDirError(UserError, ValueError):
+    """The cache folder cannot be used: it is a file, cannot be written, or holds files rlkd did not write."""
+
+
 def manifest_path(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / MANIFEST_NAME
 
@@ -67,8 +75,10 @@ def read_manifest(cache_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheCorruptError(f"{path} is not valid JSON ({e}); it is written atomically, so the file was "
-                                "modified by something else") from e
+        raise CacheCorruptError(
+            f"{path} is not valid JSON ({e}). rlkd replaces it atomically, so something else modified it, and the "
+            "record of which shards are finished is lost: restore manifest.json from a backup, or write the cache "
+            "again into a new folder") from e
     if not isinstance(manifest, dict):
         raise CacheCorruptError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
     return manifest
@@ -77,7 +87,7 @@ def read_manifest(cache_dir: str | Path) -> dict:
 def write_manifest(cache_dir: str | Path, manifest: dict) -> None:
     """Replace the manifest atomically: tmp file, fsync, rename, fsync the directory."""
     path = manifest_path(cache_dir)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     data = json.dumps(manifest, indent=1, sort_keys=False, allow_nan=False)
     with open(tmp, "w") as f:
         f.write(data + "\n")

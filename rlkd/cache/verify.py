@@ -13,6 +13,10 @@ tolerance, and, where the actual next token is among the kept ids, that its cach
 
 Every problem is collected; nothing stops at the first one. Per shard and invariant, the first few offending rows
 are named and the rest counted.
+
+``repair_cache`` (``rlkd verify --repair``) is the supported way out of a damaged cache: it renames every damaged
+shard to ``NAME.parquet.damaged`` (nothing is deleted), drops it and every missing shard from the manifest and marks
+the cache incomplete, so re-running stage 1 scores exactly their rows again.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rlkd.cache.codec import DecodedBlock
-from rlkd.cache.manifest import read_manifest, vocab_limit
+from rlkd.cache.manifest import CacheCorruptError, read_manifest, set_max_token_id, vocab_limit, write_manifest
 from rlkd.cache.reader import check_manifest, shard_schema_problems
 from rlkd.cache.schema import TeacherRow
 
@@ -44,6 +48,10 @@ class VerifyOptions:
     """The cache to check (the folder holding manifest.json)."""
     deep: bool = False
     """Also decode every row and check ids, rank order, mass and alignment."""
+    repair: bool = False
+    """Make a damaged cache resumable: rename each damaged shard to NAME.parquet.damaged (nothing is deleted), drop
+    it and every missing shard from the manifest, and mark the cache incomplete; re-running ``rlkd cache-teacher``
+    then scores their rows again. With ``deep``, rows that break the invariants count as damage too."""
     json: bool = False
     """Print the report as JSON."""
 
@@ -101,11 +109,14 @@ def _row_invariants(r: TeacherRow, k: int, vocab: int | None, codec: str) -> lis
 
 
 def verify_report(cache_dir, deep: bool = False) -> dict:
-    """Run every check and return ``{"problems": [...], "shards", "rows", "positions", "bytes", "deep"}``."""
+    """Run every check and return ``{"problems": [...], "damaged": {shard: [its problems]}, "shards", "rows",
+    "positions", "bytes", "deep"}``. ``damaged`` holds the listed shards that are missing or whose own content is
+    wrong (what :func:`repair_cache` moves aside); problems of the manifest as a whole are only in ``problems``."""
     cache_dir = Path(cache_dir)
     problems: list[str] = []
-    report = {"cache": str(cache_dir), "deep": deep, "problems": problems, "shards": 0, "rows": 0,
-              "positions": 0, "bytes": 0}
+    damaged: dict[str, list[str]] = {}
+    report = {"cache": str(cache_dir), "deep": deep, "problems": problems, "damaged": damaged, "shards": 0,
+              "rows": 0, "positions": 0, "bytes": 0}
     try:
         manifest = read_manifest(cache_dir)
     except Exception as e:  # noqa: BLE001 - any unreadable manifest is a problem to report, not a crash
@@ -116,14 +127,28 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
         return {**report, "problems": mproblems}
     codec, k = manifest["codec"], int(manifest["k"])
     vocab = vocab_limit(manifest)
-    if not manifest.get("complete"):
-        problems.append("manifest is not marked complete: the writer did not finish (resume stage 1 to complete it)")
     entries = manifest["shards"]
+    if not manifest.get("complete"):
+        if entries:
+            problems.append("manifest is not marked complete: the writer did not finish (resume stage 1 to complete "
+                            "it: re-run the `rlkd cache-teacher` command that wrote it)")
+        else:
+            problems.append("the cache is empty: stage 1 stopped before it finished a shard. Run `rlkd "
+                            "cache-teacher` into it again (an empty cache takes the new run's settings)")
+    tok = manifest.get("tokenizer")
+    if not (isinstance(tok, dict) and tok.get("sha256")):
+        problems.append("manifest has no tokenizer identity (tokenizer.sha256): `rlkd train-student` and `rlkd "
+                        "inspect --student` refuse such a cache, since they cannot check that a student's tokenizer "
+                        "gives the cached ids. Write the cache with `rlkd cache-teacher`, which records it")
     report["shards"] = len(entries)
     listed = set()
     seen_ids: dict[str, str] = {}
     totals = {"rows": 0, "positions": 0, "tokens": 0, "bytes": 0}
     from rlkd.cache.writer import file_sha256
+
+    def bad(rel: str, msg: str) -> None:
+        damaged.setdefault(rel, []).append(msg)
+        problems.append(f"shard {rel}: {msg}")
 
     for e in entries:
         rel = e["file"]
@@ -135,25 +160,26 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
             totals[key] += int(e.get(key, 0))
         path = cache_dir / rel
         if not path.is_file():
-            problems.append(f"shard {rel}: missing")
+            bad(rel, "missing")
             continue
         size = path.stat().st_size
         if size != e["bytes"]:
-            problems.append(f"shard {rel}: {size} bytes, manifest says {e['bytes']} (truncated or modified)")
+            bad(rel, f"{size} bytes, manifest says {e['bytes']} (truncated or modified)")
         if file_sha256(path) != e["sha256"]:
-            problems.append(f"shard {rel}: sha256 differs from the manifest (corrupted)")
+            bad(rel, "sha256 differs from the manifest (corrupted)")
         try:
             pf = pq.ParquetFile(path, page_checksum_verification=True)
         except Exception as err:  # noqa: BLE001 - a damaged footer raises anything
-            problems.append(f"shard {rel}: not a readable Parquet file ({err})")
+            bad(rel, f"not a readable Parquet file ({err})")
             continue
-        problems += shard_schema_problems(pf, codec, k, rel)
+        for msg in shard_schema_problems(pf, codec, k, rel):
+            bad(rel, msg.removeprefix(f"shard {rel}: "))
         md = pf.metadata
         if md.num_rows != e["rows"]:
-            problems.append(f"shard {rel}: {md.num_rows} rows, manifest says {e['rows']}")
+            bad(rel, f"{md.num_rows} rows, manifest says {e['rows']}")
         rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         if "row_group_rows" in e and list(e["row_group_rows"]) != rg_rows:
-            problems.append(f"shard {rel}: row groups hold {rg_rows} rows, manifest says {e['row_group_rows']}")
+            bad(rel, f"row groups hold {rg_rows} rows, manifest says {e['row_group_rows']}")
         row_problems: dict[str, list[str]] = {}
         positions = tokens = 0
         for rg in range(md.num_row_groups):
@@ -163,7 +189,7 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
                 else:
                     table = pf.read_row_group(rg, columns=["row_id", "input_ids"], use_threads=False)
             except Exception as err:  # noqa: BLE001
-                problems.append(f"shard {rel}: row group {rg} cannot be read ({err})")
+                bad(rel, f"row group {rg} cannot be read ({err})")
                 continue
             lens = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
             tokens += int(lens.sum())
@@ -177,19 +203,19 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
                 try:
                     block = DecodedBlock(table, codec)
                 except Exception as err:  # noqa: BLE001
-                    problems.append(f"shard {rel}: row group {rg} does not decode ({err})")
+                    bad(rel, f"row group {rg} does not decode ({err})")
                     continue
                 for j in range(block.num_rows):
                     r = block.row(j)
                     for msg in _row_invariants(r, k, vocab, codec):
                         row_problems.setdefault(msg, []).append(f"row group {rg} row {j} (row_id {r.row_id})")
         if "positions" in e and positions != e["positions"]:
-            problems.append(f"shard {rel}: {positions} positions, manifest says {e['positions']}")
+            bad(rel, f"{positions} positions, manifest says {e['positions']}")
         if "tokens" in e and tokens != e["tokens"]:
-            problems.append(f"shard {rel}: {tokens} tokens, manifest says {e['tokens']}")
+            bad(rel, f"{tokens} tokens, manifest says {e['tokens']}")
         for msg, where in row_problems.items():
             more = f" and {len(where) - MAX_EXAMPLES} more rows" if len(where) > MAX_EXAMPLES else ""
-            problems.append(f"shard {rel}: {msg}: {'; '.join(where[:MAX_EXAMPLES])}{more}")
+            bad(rel, f"{msg}: {'; '.join(where[:MAX_EXAMPLES])}{more}")
         report["rows"] += md.num_rows
         report["positions"] += positions
         report["bytes"] += size
@@ -207,3 +233,64 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
 def verify_cache(cache_dir, deep: bool = False) -> list[str]:
     """All problems found in ``cache_dir`` (see the module docstring); an empty list when it is clean."""
     return verify_report(cache_dir, deep)["problems"]
+
+
+def repair_cache(cache_dir, deep: bool = False) -> dict:
+    """Make a damaged cache resumable: rename every damaged listed shard to ``NAME.damaged`` (never deleting it), drop
+    it and every missing shard from the manifest, and mark the cache incomplete. Re-running stage 1 then scores
+    exactly the dropped rows again. Returns ``{"moved": [(shard, new name)], "missing": [shard], "rows_dropped",
+    "report"}`` (``report``: :func:`verify_report` before the repair). Holds the writer lock while it works.
+
+    Refuses (:class:`CacheCorruptError`) what it cannot repair: an unreadable manifest, and a cache merged from parts
+    (repair each part, resume it, and merge again).
+    """
+    from rlkd.cache.writer import DAMAGED_SUFFIX, _now, acquire_lock, release_lock
+
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    mproblems = check_manifest(manifest, cache_dir)
+    if mproblems:
+        raise CacheCorruptError("cannot repair: " + "; ".join(mproblems))
+    if "merged_from" in (manifest.get("config") or {}):
+        parts = ", ".join(p.get("dir", "?") for p in manifest["config"]["merged_from"])
+        raise CacheCorruptError(
+            f"{cache_dir} was merged from parts ({parts}): repair the damaged part(s) with `rlkd verify --repair "
+            "PART`, resume them with their `rlkd cache-teacher --shard I/N` commands, then merge again (a --ray run "
+            "re-merges by itself when re-run)")
+    fd = acquire_lock(cache_dir, "rlkd verify --repair")
+    try:
+        manifest = read_manifest(cache_dir)  # under the lock: what a writer may have changed meanwhile
+        report = verify_report(cache_dir, deep=deep)
+        damaged = report["damaged"]
+        moved, missing = [], []
+        for rel in damaged:
+            path = cache_dir / rel
+            if not path.is_file():
+                missing.append(rel)
+                continue
+            target = path.with_name(path.name + DAMAGED_SUFFIX)
+            n = 1
+            while target.exists():
+                target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{n}")
+                n += 1
+            path.rename(target)
+            moved.append((rel, target.relative_to(cache_dir).as_posix()))
+        kept, seen, rows_dropped = [], set(), 0
+        for entry in manifest["shards"]:
+            if entry["file"] in damaged:
+                rows_dropped += int(entry.get("rows", 0))
+            elif entry["file"] not in seen:  # an entry listed twice is kept once
+                seen.add(entry["file"])
+                kept.append(entry)
+        if len(kept) != len(manifest["shards"]) or damaged:
+            manifest["shards"] = kept
+            manifest["complete"] = False
+            manifest.setdefault("repaired", []).append(
+                {"at": _now(), "moved": [m[1] for m in moved], "missing": missing, "rows_dropped": rows_dropped})
+        for key in ("rows", "positions", "tokens", "bytes"):
+            manifest[key] = int(sum(int(e.get(key, 0)) for e in kept))
+        set_max_token_id(manifest)
+        write_manifest(cache_dir, manifest)
+    finally:
+        release_lock(fd)
+    return {"moved": moved, "missing": missing, "rows_dropped": rows_dropped, "report": report}

@@ -2,20 +2,27 @@
 
 Crash safety, step by step:
 
-1. A lock (``fcntl.flock`` on ``writer.lock``) refuses a second concurrent writer. The kernel drops it when the
+1. The folder must be new, empty, or an rlkd cache: a folder holding files rlkd did not write is refused before
+   anything is written into it (:func:`check_cache_dir`).
+2. A lock (``fcntl.flock`` on ``writer.lock``) refuses a second concurrent writer. The kernel drops it when the
    process dies, so a crash never leaves a stale lock.
-2. Rows are buffered into row groups of ``row_group_rows`` rows and written to ``NAME.parquet.tmp``.
-3. When the shard reaches ``shard_max_bytes`` (or on close) it is closed, fsynced, hashed and renamed to
+3. Rows are buffered into row groups of ``row_group_rows`` rows and written to ``NAME.parquet.rlkd-tmp``.
+4. When the shard reaches ``shard_max_bytes`` (or on close) it is closed, fsynced, hashed and renamed to
    ``NAME.parquet``; then the manifest is rewritten atomically with the new shard's rows/positions/bytes/sha256.
-4. On reopen, leftover ``*.tmp`` files (a crash in step 2) are removed: their rows were never in the manifest, and
-   ``has()`` reports them missing, so stage 1 writes them again. A finished shard that is not in the manifest (a crash
-   between the rename and the manifest update) is adopted after checking it. The ``row_id`` column of every finished
-   shard is read back, so ``has()`` and ``write()`` never duplicate a row.
+5. On reopen, leftover temporaries (a crash in step 3) are removed: only files with rlkd's own temporary names
+   (:func:`is_own_temporary`), whose rows were never in the manifest and which ``has()`` reports missing, so stage 1
+   writes them again. Every listed shard is checked (size, and sha256 unless ``verify_shards=False``); a damaged or
+   missing one stops the writer with the way out (``rlkd verify --repair``). A finished shard that is not in the
+   manifest (a crash between the rename and the manifest update) is adopted after checking it. The ``row_id``
+   column of every finished shard is read back, so ``has()`` and ``write()`` never duplicate a row.
+6. A manifest that lists no shard holds nothing: a writer with other settings starts afresh on it instead of
+   refusing (a first run that failed before its first shard must not block the corrected retry).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -31,7 +38,10 @@ import pyarrow.parquet as pq
 
 from rlkd.cache.codec import arrow_schema, parquet_write_options, rows_to_table, storage_summary
 from rlkd.cache.manifest import (
+    MANIFEST_NAME,
+    TMP_SUFFIX,
     CacheCorruptError,
+    CacheDirError,
     CacheLockedError,
     CacheMismatchError,
     fsync_dir,
@@ -45,6 +55,14 @@ from rlkd.cache.manifest import (
 from rlkd.cache.schema import CODECS, FORMAT_VERSION, MAX_K, TeacherRow, row_problems
 
 LOCK_NAME = "writer.lock"
+LOG_NAME = "cache-teacher.log"
+"""Where ``rlkd cache-teacher`` keeps the output of its dependencies (vLLM, torch, datasets) for this cache."""
+OWN_NAMES = frozenset({LOCK_NAME, MANIFEST_NAME, LOG_NAME})
+"""Files rlkd itself keeps in a cache folder besides shards and temporaries."""
+DAMAGED_SUFFIX = ".damaged"
+"""``rlkd verify --repair`` renames a damaged shard to ``NAME.parquet.damaged`` (never deletes it)."""
+_OWN_TMP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*-\d{5,}\.parquet" + re.escape(TMP_SUFFIX))
+_PARQUET_MAGIC = b"PAR1"
 _RESERVED = ("format_version", "complete", "k", "codec", "rows", "positions", "tokens", "bytes", "shards",
              "created", "updated", "storage", "max_token_id")
 
@@ -59,6 +77,122 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def is_own_temporary(path: Path) -> bool:
+    """True for a temporary this module wrote: a shard ``PREFIX-NNNNN.parquet.rlkd-tmp`` that is empty or starts like
+    a Parquet file, or the manifest's ``manifest.json.rlkd-tmp``. Anything else is left alone, whatever its name."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    if path.name == MANIFEST_NAME + TMP_SUFFIX:
+        return True
+    if not _OWN_TMP.fullmatch(path.name):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_PARQUET_MAGIC))
+    except OSError:
+        return False
+    return head in (b"", _PARQUET_MAGIC)  # empty: the crash came before the writer's first bytes
+
+
+def _is_rlkd_shard(path: Path) -> bool:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 - anything unreadable is not one of ours
+        return False
+    return b"rlkd.format_version" in meta
+
+
+def _is_own_subfolder(path: Path) -> bool:
+    """A part of a sharded or Ray run (``OUT/part-0/``): an rlkd cache itself, or holding only rlkd's own files."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if manifest_path(path).exists():
+        return True
+    return all(p.name in OWN_NAMES or is_own_temporary(p) for p in path.iterdir())
+
+
+def check_cache_dir(out_dir: str | os.PathLike, what: str = "the cache folder") -> None:
+    """Refuse, before anything is written, a cache folder rlkd must not write into; see :class:`CacheDirError`.
+
+    Fine: a path that does not exist yet (its nearest existing parent must be a writable folder), an empty folder, a
+    folder holding only rlkd's own files (lock, log, temporaries), or an rlkd cache (it has a manifest). Refused: a
+    file, a folder that cannot be written, and a folder holding anything else (a user's data is never mixed with a
+    cache, and never cleaned up by one). ``what`` names the folder in messages (e.g. ``--out out/``).
+    """
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise CacheDirError(f"{what} {path} is a file, not a folder: give a new folder (or an existing rlkd cache)")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise CacheDirError(f"{what} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CacheDirError(f"{what} {path} is not writable ({existing} does not allow writing for this user): "
+                            "give a folder you can write to")
+    if existing != path or manifest_path(path).exists():
+        return
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN_NAMES and not is_own_temporary(p)
+                     and not _is_own_subfolder(p))
+    if not foreign:
+        return
+    shards = [name for name in foreign if name.endswith(".parquet") and _is_rlkd_shard(path / name)]
+    listing = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    if shards:
+        raise CacheDirError(
+            f"{what} {path} holds rlkd shards ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) but no "
+            f"{MANIFEST_NAME}, so nothing says which teacher, data and settings wrote them: restore its "
+            f"{MANIFEST_NAME} to resume it, or write the cache into a new folder")
+    raise CacheDirError(
+        f"{what} {path} is not empty and is not an rlkd cache (no {MANIFEST_NAME}): it holds {listing}. rlkd writes "
+        "a cache only into a new or empty folder or into one of its own caches, so it never mixes with (or cleans "
+        "up) other files: give a new folder")
+
+
+def make_cache_dir(out_dir: str | os.PathLike, what: str = "the cache folder") -> Path:
+    """:func:`check_cache_dir`, then create the folder (and its parents); a failure is a :class:`CacheDirError`
+    naming the folder (a full disk stays an ``OSError`` with ``ENOSPC``, which callers report as such)."""
+    path = Path(out_dir)
+    check_cache_dir(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        raise CacheDirError(f"{what} {path} cannot be created: {e.strerror or e}") from None
+    return path
+
+
+def acquire_lock(out_dir: Path, holder: str) -> int:
+    """Take ``out_dir/writer.lock`` (``flock``, released by the kernel when the process dies) and write ``holder``
+    into it; raise :class:`CacheLockedError`, naming the process that holds it, when it is taken."""
+    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            other = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+        finally:
+            os.close(fd)
+        raise CacheLockedError(
+            f"{out_dir} is being written by another CacheWriter ({other}). Only one writer may append to "
+            "a cache at a time: wait for it to finish, stop it, or write to another directory (several workers "
+            "write sibling folders with different name_prefix, merged afterwards). The lock is released "
+            "automatically when that process exits.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{holder}, pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def shard_summary(path: Path, rel: str) -> dict:
@@ -97,11 +231,13 @@ class CacheWriter:
         row_group_bytes: also close a row group once its rows hold about this many raw bytes (long sequences).
         compression_level: one zstd level for every column (default: per column, see
             :func:`rlkd.cache.codec.parquet_write_options`).
+        verify_shards: on reopen, check every listed shard's sha256 (reads the whole cache once); ``False`` checks
+            sizes only, which is faster on a large cache but misses a flipped byte.
     """
 
     def __init__(self, out_dir, meta: dict, *, k: int, codec: str = "q8", shard_max_bytes: int = 64 << 20,
                  row_group_rows: int = 256, name_prefix: str = "shard", row_group_bytes: int = 32 << 20,
-                 compression_level: int | None = None):
+                 compression_level: int | None = None, verify_shards: bool = True):
         problems = []
         if codec not in CODECS:
             problems.append(f"codec {codec!r} is not one of {', '.join(CODECS)}")
@@ -142,8 +278,14 @@ class CacheWriter:
         self._shard: dict | None = None
         self._closed = False
         self._session = {"rows": 0, "positions": 0, "bytes": 0, "shards": 0, "skipped_duplicates": 0}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._acquire_lock()
+        self.verify_shards = bool(verify_shards)
+        make_cache_dir(self.out_dir)
+        try:
+            self._lock_fd = acquire_lock(self.out_dir, "CacheWriter")
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise
+            raise CacheDirError(f"cannot write the cache folder {self.out_dir}: {e.strerror or e}") from None
         try:
             self._open(dict(meta))
         except BaseException:
@@ -152,41 +294,25 @@ class CacheWriter:
 
     # ---- opening -------------------------------------------------------------------------------------------------
 
-    def _acquire_lock(self) -> None:
-        path = self.out_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            finally:
-                os.close(fd)
-            raise CacheLockedError(
-                f"{self.out_dir} is being written by another CacheWriter ({holder}). Only one writer may append to "
-                "a cache at a time: wait for it to finish, stop it, or write to another directory (several workers "
-                "write sibling folders with different name_prefix, merged afterwards). The lock is released "
-                "automatically when that process exits.") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
-        self._lock_fd = fd
-
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            fd, self._lock_fd = self._lock_fd, None
+            release_lock(fd)
 
     def _open(self, meta: dict) -> None:
-        # Leftovers of a crashed writer: never listed in the manifest, so dropping them loses nothing.
-        for tmp in self.out_dir.glob("*.tmp"):
-            tmp.unlink()
+        # Leftovers of a crashed writer: never listed in the manifest, so dropping them loses nothing. Only rlkd's
+        # own temporaries: other files in the folder are not ours to delete.
+        for tmp in self.out_dir.iterdir():
+            if is_own_temporary(tmp):
+                tmp.unlink()
         meta = {key: v for key, v in meta.items() if key not in ("k", "codec", "format_version")}
         new_identity = {"format_version": FORMAT_VERSION, "k": self.k, "codec": self.codec, **meta}
-        if manifest_path(self.out_dir).exists():
-            manifest = read_manifest(self.out_dir)
+        existing = read_manifest(self.out_dir) if manifest_path(self.out_dir).exists() else None
+        if existing is not None and not existing.get("shards") and not self._unlisted_shards(set()):
+            # Nothing was ever finished here (e.g. a first run stopped by a bad setting): not a cache to protect.
+            existing = None
+        if existing is not None:
+            manifest = existing
             diffs = identity_differences(manifest, new_identity)
             if diffs:
                 raise CacheMismatchError(
@@ -206,44 +332,63 @@ class CacheWriter:
         self._vocab = vocab_limit(manifest)
         self._ids: set[str] = set()
         listed = {s["file"] for s in manifest["shards"]}
+        damaged = []
         for entry in manifest["shards"]:
-            path = self.out_dir / entry["file"]
-            if not path.is_file():
-                raise CacheCorruptError(
-                    f"shard {entry['file']} is listed in {manifest_path(self.out_dir)} but missing. Restore it, or "
-                    "remove its entry from the manifest so stage 1 writes its rows again.")
-            if path.stat().st_size != entry["bytes"]:
-                raise CacheCorruptError(
-                    f"shard {entry['file']} has {path.stat().st_size} bytes but the manifest says {entry['bytes']} "
-                    "(truncated or modified). Delete it and remove its manifest entry to have its rows rewritten.")
-            self._ids.update(self._read_row_ids(path, entry["file"]))
-        for path in sorted(self.out_dir.glob("*.parquet")):
-            if path.name not in listed:  # finished but the crash came before the manifest update: adopt it
-                self._adopt(path)
+            problem = self._check_listed(entry)
+            if problem:
+                damaged.append(f"shard {entry['file']} ({entry.get('rows', '?')} rows): {problem}")
+        if damaged:
+            raise CacheCorruptError(
+                f"cannot resume {self.out_dir}: {len(damaged)} of its {len(manifest['shards'])} finished shard(s) "
+                "are damaged or missing:\n" + "\n".join(f"  - {d}" for d in damaged)
+                + f"\nRun `rlkd verify --repair {self.out_dir}`: it moves damaged shards aside (renamed to "
+                f"*{DAMAGED_SUFFIX}, nothing is deleted) and drops them from the manifest. Then run this command "
+                "again: it scores their rows again and keeps every other shard.")
+        for path in self._unlisted_shards(listed):
+            self._adopt(path)  # finished, but the crash came before the manifest update
         self._refresh_totals()
         write_manifest(self.out_dir, self.manifest)
 
-    def _read_row_ids(self, path: Path, rel: str) -> list[str]:
+    def _unlisted_shards(self, listed: set[str]) -> list[Path]:
+        return [p for p in sorted(self.out_dir.glob("*.parquet")) if p.name not in listed and p.is_file()]
+
+    def _check_listed(self, entry: dict) -> str | None:
+        """What is wrong with a listed shard (None when it is intact); reads its row_ids into ``self._ids``."""
+        path = self.out_dir / entry["file"]
+        if not path.is_file():
+            return "missing"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{size} bytes, the manifest says {entry['bytes']} (truncated or modified)"
+        if self.verify_shards and file_sha256(path) != entry["sha256"]:
+            return "its sha256 differs from the manifest's (corrupted)"
         try:
-            return pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist()
+            self._ids.update(pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist())
         except Exception as e:  # noqa: BLE001 - a damaged footer raises anything
-            raise CacheCorruptError(f"shard {rel} cannot be read ({e}); run `rlkd verify {self.out_dir}`") from e
+            return f"cannot be read ({e})"
+        return None
 
     def _adopt(self, path: Path) -> None:
+        move = f"move it out of {self.out_dir} (its rows are then scored again)"
         try:
             schema = pq.read_schema(path)
             meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-            ok = (meta.get("rlkd.codec") == self.codec and meta.get("rlkd.k") == str(self.k)
-                  and meta.get("rlkd.format_version") == str(FORMAT_VERSION))
-            entry = shard_summary(path, path.name) if ok else None
+        except Exception as e:  # noqa: BLE001 - a damaged footer raises anything
+            raise CacheCorruptError(f"{path} is not in the manifest and cannot be read as Parquet ({e}): {move}") from e
+        if "rlkd.format_version" not in meta:
+            raise CacheCorruptError(f"{path} is not an rlkd shard (it has no rlkd metadata) and does not belong in a "
+                                    f"cache folder: move it out of {self.out_dir}")
+        if not (meta.get("rlkd.codec") == self.codec and meta.get("rlkd.k") == str(self.k)
+                and meta.get("rlkd.format_version") == str(FORMAT_VERSION)):
+            raise CacheCorruptError(f"{path} is not in the manifest and was written with another codec/k/format "
+                                    f"(codec {meta.get('rlkd.codec')}, k {meta.get('rlkd.k')}): {move}")
+        try:
+            entry = shard_summary(path, path.name)
+            ids = pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist()
         except Exception as e:  # noqa: BLE001
-            raise CacheCorruptError(f"{path} is not in the manifest and cannot be read ({e}); delete it") from e
-        if entry is None:
-            raise CacheCorruptError(f"{path} is not in the manifest and was written with another codec/k/format; "
-                                    "move it away")
-        ids = self._read_row_ids(path, path.name)
+            raise CacheCorruptError(f"{path} is not in the manifest and cannot be read ({e}): {move}") from e
         if self._ids.intersection(ids):
-            raise CacheCorruptError(f"{path} is not in the manifest and repeats rows of listed shards; delete it")
+            raise CacheCorruptError(f"{path} is not in the manifest and repeats rows of listed shards: {move}")
         self._ids.update(ids)
         self.manifest["shards"].append(entry)
 
@@ -296,7 +441,7 @@ class CacheWriter:
         table = rows_to_table(self._buffer, self.codec, self.k)
         if self._pq_writer is None:
             name = self._next_shard_name()
-            tmp = self.out_dir / (name + ".tmp")
+            tmp = self.out_dir / (name + TMP_SUFFIX)
             self._sink = pa.OSFile(str(tmp), "wb")
             self._pq_writer = pq.ParquetWriter(self._sink, self._schema, **self._pq_options)
             self._shard = {"file": name, "tmp": tmp, "rows": 0, "positions": 0, "tokens": 0, "row_group_rows": [],
@@ -370,16 +515,25 @@ class CacheWriter:
             self._release_lock()
 
     def _abort(self) -> None:
-        """After an error: keep finished shards, try to save buffered rows, never raise from here."""
+        """After an error: keep finished shards, try to save buffered rows, never raise from here. If the open shard
+        cannot be finished (a full disk), its temporary is removed: its rows are not in the manifest, so a resume
+        scores them again, and the space goes back to the disk."""
         try:
             self.close(complete=False)
-        except Exception:  # noqa: BLE001 - the original exception matters more; the .tmp is removed on reopen
+        except Exception:  # noqa: BLE001 - the original exception matters more
             for obj in (self._pq_writer, self._sink):
                 try:
                     if obj is not None:
                         obj.close()
                 except Exception:  # noqa: BLE001
                     pass
+            self._pq_writer = self._sink = None
+            tmp = (self._shard or {}).get("tmp")
+            try:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             self._closed = True
             self._release_lock()
 

@@ -11,6 +11,9 @@ from typing import Literal
 
 from rlkd.cache.schema import CODECS, MAX_K
 
+DEFAULT_MAX_LENGTH = 1024
+"""``max_length`` when it is not given (lowered to what the teacher takes)."""
+
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -79,8 +82,10 @@ class CacheTeacherConfig:
     loss_on: Literal["response", "all"] = "response"
     """``response``: train on the assistant/response tokens only (and their end-of-turn token). ``all``: every
     token. ``text`` datasets are always trained on every token."""
-    max_length: int = 1024
-    """Longest sequence in tokens, prompt and response together."""
+    max_length: int | None = None
+    """Longest sequence in tokens, prompt and response together. Unset: ``DEFAULT_MAX_LENGTH`` (1024), lowered (with a
+    note) to the most the teacher takes: the position limit in its config.json, less the one token vLLM generates.
+    A value above that limit is refused before any work."""
     overlong: Literal["truncate", "skip"] = "truncate"
     """Rows longer than ``max_length``: ``truncate`` keeps the prompt and cuts the response; ``skip`` drops them.
     A row whose prompt alone fills ``max_length`` is always skipped. Both are counted in the summary."""
@@ -98,6 +103,10 @@ class CacheTeacherConfig:
     """Rotate to a new Parquet shard after about this many MiB."""
     row_group_rows: int = 256
     """Rows per Parquet row group: the unit stage 2 reads and shuffles, and the granularity of shard rotation."""
+    verify_resume: bool = True
+    """On resume, check the sha256 of every finished shard before trusting it (reads the whole cache once; a damaged
+    shard stops the run with the way out). ``False`` checks sizes only: faster on a large cache, but a flipped byte
+    goes unnoticed until ``rlkd verify``."""
 
     # ---- engine --------------------------------------------------------------------------------------------------
     engine: Literal["vllm", "hf"] = "vllm"
@@ -130,6 +139,9 @@ class CacheTeacherConfig:
     """With ``ray``: engine replicas, each on ``tensor_parallel_size`` GPUs."""
     progress: bool = True
     """Show the progress bar."""
+    verbose: bool = False
+    """Show vLLM's, torch's and datasets' own output on the terminal. Default: it goes to ``OUT/cache-teacher.log``,
+    and the terminal shows rlkd's progress, notes and errors."""
 
     def validate(self) -> list[str]:
         """Every problem with the settings, each naming the option and the fix (empty when fine)."""
@@ -144,11 +156,14 @@ class CacheTeacherConfig:
             p.append(f"top_k: must lie in 1..{MAX_K}, got {self.top_k}")
         if self.min_prob is not None and not 0.0 < self.min_prob < 1.0:
             p.append(f"min_prob: must lie in (0, 1), got {self.min_prob}")
-        if not 1 <= self.min_k <= self.top_k:
+        top_k_ok = 1 <= self.top_k <= MAX_K
+        if top_k_ok and not 1 <= self.min_k <= self.top_k:  # against an invalid top_k this would only add noise
             p.append(f"min_k: must lie in 1..top_k={self.top_k}, got {self.min_k}")
+        elif not top_k_ok and self.min_k < 1:
+            p.append(f"min_k: must be >= 1, got {self.min_k}")
         if self.min_prob is None and self.min_k != 1:
             p.append(f"min_k={self.min_k} has no effect without min_prob: set --min-prob too, or drop --min-k")
-        if self.max_length < 2:
+        if self.max_length is not None and self.max_length < 2:
             p.append(f"max_length: must be >= 2 tokens (one prompt token and one target), got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             p.append(f"limit: must be >= 1, got {self.limit} (leave it unset to use every row)")

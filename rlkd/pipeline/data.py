@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rlkd.pipeline.config import CacheTeacherConfig
+from rlkd.pipeline.config import DEFAULT_MAX_LENGTH, CacheTeacherConfig
 from rlkd.pipeline.formatting import (
     Encoded,
     FormatError,
@@ -98,11 +98,13 @@ class InputCounters:
                 "truncated": dict(self.truncated), "first_rows": dict(self.first_rows)}
 
     def summary(self) -> str:
-        """One line, e.g. ``300 rows: 297 kept (4 truncated: over_max_length 4); 3 skipped: empty_response 3 (rows
-        12, 80, 95)``."""
+        """One line, e.g. ``300 rows: 297 kept (4 truncated: over_max_length 4 (rows 3, 9, 40, 41)); 3 skipped:
+        empty_response 3 (rows 12, 80, 95) [every assistant turn is empty]``: each reason with its first rows and, in
+        brackets, what was wrong with the first of them."""
         def part(c: Counter) -> str:
             return ", ".join(
                 f"{r} {n} (rows {', '.join(map(str, self.first_rows.get(r, [])))}{', ...' if n > 5 else ''})"
+                + (f" [{self.first_detail[r]}]" if self.first_detail.get(r) else "")
                 for r, n in sorted(c.items()))
         s = f"{self.rows} rows: {self.examples} kept"
         if self.truncated:
@@ -119,12 +121,68 @@ def _looks_like_path(src: str) -> bool:
             or any(src.endswith(s) for s in (*_SUFFIX_FORMATS, ".gz", ".zst")))
 
 
+def check_text_file(path: Path, fmt: str) -> None:
+    """Before handing a local, uncompressed text file (json/jsonl, csv) to the loader, check what its errors would
+    hide: an empty file (the loader says "StopIteration") and bytes that are not UTF-8 (the loader accepts them and a
+    later step fails far from the cause). Names the file and line. One streaming pass, at disk speed."""
+    lines_before, start, carry, content = 0, 0, b"", False  # start: file offset of ``data``
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            data = carry + block
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as e:
+                if block and e.reason == "unexpected end of data" and e.start >= len(data) - 3:
+                    carry = data[e.start:]  # a character split between two reads: judge it with the next one
+                    data = data[:e.start]
+                else:
+                    at = e.start
+                    line = lines_before + data.count(b"\n", 0, at) + 1
+                    column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+                    raise DatasetError(
+                        f"dataset {path}: line {line} is not UTF-8 (byte 0x{data[at]:02x} at column {column}, byte "
+                        f"{start + at} of the file). Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                        f"{path.name} > fixed-{path.name}`)") from None
+            if not block:
+                break
+            content = content or bool(data.strip())
+            lines_before += data.count(b"\n")
+            start += len(data)
+    if not content:
+        raise DatasetError(f"dataset {path} is empty: it holds no {'rows' if fmt == 'json' else 'data'}")
+
+
+def first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """(line number, parse error) of the first line of a jsonl file that is not a JSON object, or None. Only called
+    after the loader failed, to say where: a whole .json document (not one object per line) is not judged here."""
+    lines_format = path.name.lower().endswith((".jsonl", ".ndjson"))
+    seen_object = False
+    with open(path, encoding="utf-8") as f:
+        for i, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                problem = f"{e.msg} at column {e.colno}"
+            else:
+                if isinstance(value, dict):
+                    seen_object = True
+                    continue
+                problem = f"a JSON {type(value).__name__}, not an object"
+            # A .json file may be one document over many lines: only blame a line once the file reads as JSON lines.
+            return (i, problem) if lines_format or seen_object else None
+    return None
+
+
 def load_source(cfg: CacheTeacherConfig):
     """Load ``cfg.dataset`` as a ``datasets.Dataset``.
 
     A local file (format from its suffix or ``dataset_format``; a single file is the ``train`` split), a folder of data
     files, a folder written by ``save_to_disk``, or a hub id loaded with ``split`` and ``subset``. Raises
-    :class:`DatasetError` naming the path or id and the fix.
+    :class:`DatasetError` naming the path or id and the fix (for a local file: the line at fault).
     """
     import datasets
 
@@ -133,18 +191,25 @@ def load_source(cfg: CacheTeacherConfig):
     try:
         if path.is_file():
             name = path.name.lower()
-            for packed in (".gz", ".zst", ".bz2", ".xz"):
-                name = name.removesuffix(packed)
+            packed = name.endswith((".gz", ".zst", ".bz2", ".xz"))
+            for suffix in (".gz", ".zst", ".bz2", ".xz"):
+                name = name.removesuffix(suffix)
             fmt = cfg.dataset_format or _SUFFIX_FORMATS.get(Path(name).suffix)
             if fmt is None:
                 raise DatasetError(f"dataset {src}: cannot tell the file format from its name; give "
                                    "--dataset-format json|parquet|csv|arrow")
+            if fmt in ("json", "csv") and not packed:
+                check_text_file(path, fmt)
             try:
                 ds = datasets.load_dataset(fmt, data_files={"train": str(path)}, split=cfg.split)
-            except ValueError as e:
-                if "split" in str(e).lower() and not cfg.split.startswith("train"):
+            except Exception as e:
+                if isinstance(e, ValueError) and "split" in str(e).lower() and not cfg.split.startswith("train"):
                     raise DatasetError(f"dataset {src}: a single local file is the 'train' split (optionally sliced, "
                                        f"e.g. train[:1000]); got --split {cfg.split!r}") from e
+                bad = first_bad_json_line(path) if fmt == "json" and not packed else None
+                if bad is not None:
+                    raise DatasetError(f"dataset {src}: line {bad[0]} is not a JSON object ({bad[1]}). A .jsonl file "
+                                       "holds one JSON object per line: fix or remove that line") from e
                 raise
         elif path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # save_to_disk output
@@ -164,11 +229,13 @@ def load_source(cfg: CacheTeacherConfig):
     except DatasetError:
         raise
     except Exception as e:  # datasets raises many types; name the source and the options that select it
-        where = f"local {'folder' if path.is_dir() else 'file'}" if path.exists() else "hub dataset"
+        local = path.exists()
+        where = f"local {'folder' if path.is_dir() else 'file'}" if local else "hub dataset"
+        hint = ("Check the file's format (--dataset-format) and --split" if local else
+                "Check --dataset, --split and --subset; a hub id needs network access or a warm HF cache")
         raise DatasetError(
             f"could not load dataset {src!r} ({where}, split={cfg.split!r}, subset={cfg.subset!r}): "
-            f"{type(e).__name__}: {e}. Check --dataset, --split and --subset; a hub id needs network access or a "
-            "warm HF cache."
+            f"{type(e).__name__}: {str(e).strip() or 'no details'}. {hint}."
         ) from e
     if not isinstance(ds, datasets.Dataset):
         raise DatasetError(f"dataset {src}: expected one split, got {type(ds).__name__}; give --split NAME")
@@ -215,7 +282,7 @@ def dataset_identity(cfg: CacheTeacherConfig, ds, tokenizer: Any = None) -> dict
         "fingerprint": h.hexdigest(),
         "prompt_format": fmt,
         "loss_on": "all" if mapping.kind == "text" else cfg.loss_on,
-        "max_length": cfg.max_length,
+        "max_length": cfg.max_length or DEFAULT_MAX_LENGTH,
         "overlong": cfg.overlong,
     }
 
@@ -225,6 +292,14 @@ def _mapping(cfg: CacheTeacherConfig, ds):
         return detect_columns(ds.column_names, cfg, source=f"dataset {cfg.dataset}")
     except FormatError as e:
         raise DatasetError(str(e)) from None
+
+
+def check_some_examples(cfg: CacheTeacherConfig, counters: InputCounters) -> None:
+    """After a run's rows are all read: raise :class:`DatasetError` when rows were read but none could be used, with
+    every reason and its cause (rather than writing an empty cache that stage 2 cannot train on)."""
+    if counters.rows and not counters.examples:
+        raise DatasetError(f"dataset {cfg.dataset}: none of its rows could be used ({counters.summary()}). Fix the "
+                           "data or the options named above (column mapping, --max-length, --prompt-format)")
 
 
 # ---- examples -----------------------------------------------------------------------------------------------------
@@ -266,6 +341,7 @@ def iter_examples(cfg: CacheTeacherConfig, ds, tokenizer: Any,
     mapping = _mapping(cfg, ds)
     loss_on = "all" if mapping.kind == "text" else cfg.loss_on
     formatter = Formatter(tokenizer, cfg.prompt_format if mapping.kind != "text" else "plain", loss_on)
+    max_length = cfg.max_length or DEFAULT_MAX_LENGTH
     indices = run_indices(cfg, len(ds))
     if len(indices) == 0:
         return
@@ -287,7 +363,7 @@ def iter_examples(cfg: CacheTeacherConfig, ds, tokenizer: Any,
             counters.rows += 1
             result = c if isinstance(c, RowSkip) else next(encoded)
             if not isinstance(result, RowSkip):
-                result = fit_length(result, cfg.max_length, cfg.overlong)
+                result = fit_length(result, max_length, cfg.overlong)
             if isinstance(result, RowSkip):
                 counters.skip(result.reason, si, result.detail)
                 continue

@@ -98,6 +98,19 @@ def _import_vllm():
     return LLM, SamplingParams, TokensPrompt
 
 
+def _first_reason(e: ValueError) -> str:
+    """The message of a vLLM/pydantic validation error without pydantic's framing (type, input dump, URL)."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            msg = str(errors()[0].get("msg", ""))
+            if msg:
+                return msg.removeprefix("Value error, ")
+        except Exception:  # noqa: BLE001 - fall back to the text
+            pass
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 class VLLMEngine:
     """Scores sequences with vLLM's ``prompt_logprobs`` path.
 
@@ -146,7 +159,10 @@ class VLLMEngine:
                 kwargs["max_num_batched_tokens"] = max_num_batched_tokens
             if max_model_len is not None:
                 kwargs["max_model_len"] = max_model_len
-            llm = LLM(**kwargs)
+            try:
+                llm = LLM(**kwargs)
+            except ValueError as e:  # a setting vLLM refuses (pydantic's ValidationError is a ValueError)
+                raise EngineError(f"vLLM refused the engine settings for {model}: {_first_reason(e)}") from e
         self.llm = llm
         mc = llm.model_config
         # Fail now, not after an hour of work: vLLM would reject every request with k > max_logprobs.

@@ -179,6 +179,9 @@ def _text(value: Any, what: str) -> str:
 
 
 def _messages(value: Any, what: str) -> list[dict]:
+    if value is None:  # typically a file mixing row shapes: the loader fills the columns a row lacks with nulls
+        raise RowSkip("bad_value", f"column {what!r} is null in this row: every row is read as a chat from {what!r}, "
+                                   "so rows with other columns (mixed shapes?) need their own file")
     if not isinstance(value, list):
         raise RowSkip("bad_value", f"{what} is {type(value).__name__}, expected a list of {{role, content}}")
     out = []

@@ -95,7 +95,13 @@ def merge_caches(out: str | os.PathLike, parts: list[str | os.PathLike], *, allo
                 continue
             rel = Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
             # Only the row_id column is read: cheap, and it is what makes a duplicate.
-            for rid in pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist():
+            try:
+                row_ids = pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist()
+            except Exception as e:  # noqa: BLE001 - a damaged footer raises anything
+                problems.append(f"part {p}: shard {entry['file']} cannot be read ({e}); run `rlkd verify --repair "
+                                f"{p}` and resume that part")
+                continue
+            for rid in row_ids:
                 if rid in owner:
                     pair = (owner[rid], rel)
                     duplicates[pair] = duplicates.get(pair, 0) + 1

@@ -31,7 +31,7 @@ non-flat format. That is tens of Python objects per position, serialised through
 into the (P, k) arrays a row needs; :class:`rlkd.pipeline.engines.VLLMEngine` reads vLLM's ``FlatLogprobs`` straight
 into numpy. So each actor wraps the rlkd engine instead.
 
-Crash safety: an actor that dies loses at most its open shard (its ``.tmp``, removed on reopen); its finished shards
+Crash safety: an actor that dies loses at most its open shard (its temporary, removed on reopen); its finished shards
 are in its part's manifest (or adopted on reopen). Re-running the same command skips every finished row, whichever
 part holds it, so nothing is lost or written twice, even with another ``--replicas``.
 """
@@ -199,7 +199,7 @@ def _check_out(out: Path, meta: dict, cfg: CacheTeacherConfig) -> None:
 
 def finished_row_ids(out: str | os.PathLike) -> set[str]:
     """Every row_id in a finished shard of any part of ``out`` (listed or not yet listed in its part manifest: a
-    writer adopts those on reopen). ``.tmp`` files are unfinished and do not count."""
+    writer adopts those on reopen). Temporaries (``*.rlkd-tmp``) are unfinished and do not count."""
     import pyarrow.parquet as pq
 
     ids: set[str] = set()
@@ -238,14 +238,15 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     ray = _import_ray()
-    from rlkd.pipeline.data import InputCounters, iter_examples
+    from rlkd.cache.writer import make_cache_dir
+    from rlkd.pipeline.data import InputCounters, check_some_examples, iter_examples
     from rlkd.pipeline.merge import merge_caches
     from rlkd.pipeline.run import prepare_run
 
     t_start = time.perf_counter()
+    make_cache_dir(cfg.out, "--out")  # refuses a file, or a folder holding files rlkd did not write
     tokenizer, ds, meta = prepare_run(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(out)
     started_ray = False
     try:
@@ -285,6 +286,7 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
             if buckets[i]:
                 refs[i].append(ray.put(_block(buckets[i])))
         buckets = []
+        check_some_examples(cfg, counters)
 
         per_replica: dict[int, dict] = {}
         failures: list[str] = []
@@ -325,7 +327,7 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
         if bar is not None:
             bar.close()
         # Parts no actor wrote this run (nothing routed to them, or left by a run with more replicas): drop their
-        # .tmp and adopt orphan shards, as their writer would on reopen.
+        # temporaries and adopt orphan shards, as their writer would on reopen.
         for part in _part_dirs(out):
             i = int(part.name[len(PART_PREFIX):])
             if i not in actors and manifest_path(part).exists():

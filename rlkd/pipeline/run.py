@@ -10,17 +10,33 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rlkd.cache import CacheWriter, make_row_id, tokenizer_identity
-from rlkd.config import config_to_dict
+from rlkd.cache.writer import check_cache_dir, is_own_temporary
+from rlkd.config import ConfigError, config_to_dict
 from rlkd.errors import UserError
-from rlkd.pipeline.config import CacheTeacherConfig
+from rlkd.logs import console
+from rlkd.pipeline.config import DEFAULT_MAX_LENGTH, CacheTeacherConfig
 from rlkd.pipeline.overlap import RowWriterThread
 
+log = logging.getLogger(__name__)
+
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model", "tokenizer.tiktoken")
+"""Any of these in a model folder is a tokenizer transformers can load without converting another format."""
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_target_positions",
+                  "max_sequence_length", "max_seq_length", "seq_len")
+"""config.json keys that bound a model's positions, as vLLM reads them (the smallest present wins)."""
+
+_UNSCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+"""RoPE types whose position limit in config.json is already scaled (vLLM multiplies the others by ``factor``)."""
 
 
 class TeacherNotFoundError(UserError, FileNotFoundError):
@@ -49,7 +65,16 @@ def resolve_teacher(teacher: str, trust_remote_code: bool = False) -> tuple[Path
                 "Point --teacher at the folder holding config.json and the weights (e.g. one saved with "
                 "`save_pretrained`, or made by `rlkd convert-teacher`)."
             )
-        return path, json.loads(cfg.read_text())
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES) and not list(path.glob("*.tiktoken")):
+            raise TeacherNotFoundError(
+                f"--teacher {teacher}: the folder has no tokenizer (none of {', '.join(_TOKENIZER_FILES[:3])}, ...). "
+                "rlkd formats the data with the teacher's own tokenizer: save it into the folder "
+                f"(`AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('{teacher}')`) or use a complete model "
+                "folder.")
+        try:
+            return path, json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TeacherNotFoundError(f"--teacher {teacher}: {cfg} is not valid JSON ({e})") from None
     looks_local = teacher.startswith((".", "/", "~")) or teacher.count("/") > 1 or path.suffix in (".gguf", ".bin")
     if looks_local or path.exists():
         raise TeacherNotFoundError(
@@ -102,22 +127,88 @@ def teacher_identity(cfg: CacheTeacherConfig, local: Path | None, model_config: 
     return ident
 
 
+def position_limit(model_config: dict) -> tuple[int | None, str]:
+    """(most positions the model takes, the config key it comes from), read the way vLLM derives its maximum model
+    length: the smallest of the position keys (``model_max_length`` wins where present), times the RoPE scaling
+    factor for the RoPE types that need it. ``(None, "")`` when the config names no limit."""
+    text = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else model_config
+    found = [(int(text[key]), key) for key in _POSITION_KEYS if isinstance(text.get(key), (int, float))
+             and not isinstance(text.get(key), bool) and text[key] > 0]
+    if isinstance(text.get("model_max_length"), (int, float)) and text["model_max_length"] > 0:
+        found = [(int(text["model_max_length"]), "model_max_length")]
+    if not found:
+        return None, ""
+    limit, key = min(found)
+    rope = text.get("rope_parameters") or text.get("rope_scaling")
+    ropes = [rope] if isinstance(rope, dict) and "factor" in rope else (
+        [r for r in rope.values() if isinstance(r, dict)] if isinstance(rope, dict) else [])
+    for r in ropes:
+        kind = r.get("rope_type", r.get("type"))
+        if kind not in _UNSCALED_ROPE and isinstance(r.get("factor"), (int, float)):
+            limit, key = int(limit * r["factor"]), f"{key} x rope factor {r['factor']}"
+            break
+    return limit, key
+
+
+def resolve_limits(cfg: CacheTeacherConfig, model_config: dict, engine: Any = None) -> None:
+    """Check ``top_k`` and ``max_length`` against the teacher before anything is written, and fill in
+    ``cfg.max_length`` (the default, lowered to what the teacher takes, with a note). Raises :class:`ConfigError`
+    with every problem, each naming the flag and the limit.
+
+    The most tokens a row may hold: the teacher's position limit (:func:`position_limit`), less one for vLLM, which
+    also places the one token it must generate; and, for an engine passed in, its own ``max_model_len`` (less one).
+    """
+    problems = []
+    vocab = int(model_config.get("vocab_size") or (model_config.get("text_config") or {}).get("vocab_size") or 0)
+    if vocab and cfg.top_k > vocab:
+        problems.append(f"top_k: --top-k {cfg.top_k} is more than the teacher's vocabulary ({vocab} tokens, "
+                        f"vocab_size in its config.json): give --top-k {vocab} or less")
+    engine_kind = getattr(engine, "name", None) or cfg.engine
+    limit, key = position_limit(model_config)
+    usable, why = None, ""
+    if limit is not None:
+        usable = limit - 1 if engine_kind == "vllm" else limit
+        why = (f"the teacher takes {limit} positions ({key} in its config.json)"
+               + (" and vLLM needs one of them for the token it generates" if engine_kind == "vllm" else ""))
+    engine_len = getattr(engine, "max_model_len", None)
+    if isinstance(engine_len, int) and (usable is None or engine_len - 1 < usable):
+        usable, why = engine_len - 1, f"the engine passed in was built with max_model_len={engine_len}"
+    if cfg.max_length is None:
+        cfg.max_length = DEFAULT_MAX_LENGTH
+        if usable is not None and usable < DEFAULT_MAX_LENGTH:
+            cfg.max_length = usable
+            log.warning("--max-length defaults to %d, but %s: using --max-length %d", DEFAULT_MAX_LENGTH, why,
+                        usable)
+    elif usable is not None and cfg.max_length > usable:
+        problems.append(f"max_length: --max-length {cfg.max_length} is more than the teacher takes: {why}, so the "
+                        f"largest --max-length is {usable}")
+    if problems:
+        raise ConfigError(problems, source="cache-teacher")
+
+
 # ---- the run -------------------------------------------------------------------------------------------------------
 
 
-def prepare_run(cfg: CacheTeacherConfig) -> tuple[Any, Any, dict]:
+def prepare_run(cfg: CacheTeacherConfig, engine: Any = None) -> tuple[Any, Any, dict]:
     """(tokenizer, source dataset, manifest meta) for a run; shared by the single-process and the Ray paths.
 
-    Checks the teacher before any work, so a wrong ``--teacher`` fails in seconds.
+    Checks the teacher, ``top_k`` and ``max_length`` before any work (:func:`resolve_limits`, which also fills in
+    ``cfg.max_length``), so a wrong ``--teacher`` or flag fails in seconds, before anything is written.
     """
     from transformers import AutoTokenizer
 
     from rlkd.pipeline.data import dataset_identity, load_source
 
     local, model_config = resolve_teacher(cfg.teacher, cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(local.resolve()) if local is not None else cfg.teacher, trust_remote_code=cfg.trust_remote_code
-    )
+    resolve_limits(cfg, model_config, engine)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(local.resolve()) if local is not None else cfg.teacher, trust_remote_code=cfg.trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TeacherNotFoundError(f"--teacher {cfg.teacher}: its tokenizer cannot be loaded ({type(e).__name__}: "
+                                   f"{first})") from e
     ds = load_source(cfg)
     meta = {
         "teacher": teacher_identity(cfg, local, model_config),
@@ -156,12 +247,13 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     ``engine``: an already-built engine to use (tests pass one to share a vLLM start); built from ``cfg`` otherwise,
     and only once there is something left to score.
     """
-    from rlkd.pipeline.data import InputCounters, iter_examples
+    from rlkd.pipeline.data import InputCounters, check_some_examples, iter_examples
 
     t_start = time.perf_counter()
     if engine is not None and getattr(engine, "k", cfg.top_k) < cfg.top_k:
         raise ValueError(f"the engine returns top-{engine.k} but top_k={cfg.top_k} was asked: build it with k >= top_k")
-    tokenizer, ds, meta = prepare_run(cfg)
+    check_cache_dir(cfg.out, "--out")  # before the dataset is read: a wrong --out fails at once
+    tokenizer, ds, meta = prepare_run(cfg, engine)
     if engine is not None:
         meta["engine"] = getattr(engine, "name", type(engine).__name__)
     shard_i, shard_n = cfg.shard_index
@@ -175,7 +267,8 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     writer = None
     try:
         with CacheWriter(out, meta, k=cfg.top_k, codec=cfg.codec, shard_max_bytes=cfg.shard_max_mb << 20,
-                         row_group_rows=cfg.row_group_rows, name_prefix=name_prefix) as w:
+                         row_group_rows=cfg.row_group_rows, name_prefix=name_prefix,
+                         verify_shards=cfg.verify_resume) as w:
             writer = w
 
             def pending() -> Iterator:
@@ -187,7 +280,9 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
 
             todo = pending()
             first = next(todo, None)
-            if first is not None:
+            if first is None:
+                check_some_examples(cfg, counters)  # every row was read: none usable is an error, not an empty cache
+            else:
                 if engine is None:
                     engine = engine_for(cfg, dtype)
                 bar = _progress(planned, stats["already_cached"], enabled=progress)
@@ -211,10 +306,13 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     except OSError as e:
         if e.errno == errno.ENOSPC or "No space left" in str(e):
             done = _finished(out)
+            left = [p.name for p in out.iterdir() if is_own_temporary(p) and p.name.endswith(".parquet.rlkd-tmp")]
+            dropped = ("the open shard was dropped" if not left else
+                       f"the open shard could not be removed ({', '.join(left)}; the next run removes it)")
             raise DiskFullError(
                 errno.ENOSPC,
                 f"disk full while writing the cache in {out}: the {done['shards']} finished shard(s) "
-                f"({done['rows']} rows) are valid and kept; the open shard was dropped. Free some space (or use "
+                f"({done['rows']} rows) are valid and kept; {dropped}. Free some space (or use "
                 "--shard-max-mb to write smaller shards) and re-run the same command to resume where it stopped.",
             ) from e
         raise
@@ -275,7 +373,8 @@ def _progress(total: int, already: int, enabled: bool):
     from tqdm.auto import tqdm
 
     # Rows already cached (resume) count as done, so the ETA covers only what is left.
-    return tqdm(total=total, initial=already, unit="seq", desc="cache-teacher", dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, initial=already, unit="seq", desc="cache-teacher", dynamic_ncols=True, smoothing=0.1,
+                file=console())
 
 
 def _tick(bar, counters, stats: dict, t_run: float, on_batch) -> None:
