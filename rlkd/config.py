@@ -128,20 +128,24 @@ def build_config(cls: type[T], *layers: dict | None, source: str = "config") -> 
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 problems.append(f"unknown option {key!r}{hint}")
                 continue
-            merged[name] = _coerce(value, hints[name], name, problems)
-    missing = [
-        n for n, f in fields.items()
-        if n not in merged and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    problems += [f"{n}: required (give --{n.replace('_', '-')} or set it in the config file)" for n in missing]
-    if problems:
+            before = len(problems)
+            value = _coerce(value, hints[name], name, problems)
+            if len(problems) == before:
+                merged[name] = value
+            else:  # reported; the cross-field checks below see the default instead
+                merged.pop(name, None)
+    missing = [n for n, f in fields.items() if n not in merged and field_default(f) is dataclasses.MISSING]
+    if missing:
+        # Without a required value there is no config to cross-check; what is known so far is reported now.
+        problems += [f"{n}: required (give --{n.replace('_', '-')} or set it in the config file)" for n in missing
+                     if not any(p.startswith(f"{n}:") for p in problems)]
         raise ConfigError(problems, source)
     cfg = cls(**merged)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
-        problems = list(validate())
-        if problems:
-            raise ConfigError(problems, source)
+        problems += list(validate())  # the type problems above and the cross-field ones, together
+    if problems:
+        raise ConfigError(problems, source)
     return cfg
 
 
