@@ -170,7 +170,8 @@ def _stage2_bool(name: str, help: str):
 @main.command("train-student")
 @click.option("--student", help="Student: HF folder or hub name (AutoModelForCausalLM); shares the cache's tokenizer.")
 @click.option("--cache", help="Stage 1 cache folder (with manifest.json).")
-@click.option("--out", help="Output folder: checkpoints, final/, metrics.jsonl, train_config.yaml.")
+@click.option("--out", help="Output folder: checkpoints, final/, metrics.jsonl, train_config.yaml. One that "
+                            "already holds a run is refused unless --resume continues it.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML file with any of the options below (flat or grouped by run/data/optim/loss); flags win.")
 @click.option("--eval-cache", help="Separate cache to evaluate on (instead of --eval-fraction).")
@@ -202,7 +203,10 @@ def _stage2_bool(name: str, help: str):
 @click.option("--seed", type=int, help="Seed (default 0).")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (default 500; 0: final only).")
 @click.option("--keep-last", type=int, help="Keep the newest K checkpoints (default 3; 0 keeps all).")
-@click.option("--resume", help="'auto' (latest checkpoint in --out) or a checkpoint-STEP folder.")
+@click.option("--resume", help="'auto' (newest checkpoint in --out that verifies; none: a fresh start) or a "
+                               "checkpoint-STEP folder. Checkpoints are checked against their sha256 sums.")
+@_stage2_bool("allow-incomplete", "Train on a cache whose manifest says complete: false (stage 1 stopped early "
+                                  "or is running) [default: refused].")
 @click.option("--device", help="auto (default), cpu, cuda or cuda:N.")
 @_stage2_bool("gradient-checkpointing", "Recompute activations in backward to save memory.")
 @click.option("--nproc", type=click.IntRange(min=1),
@@ -233,11 +237,14 @@ def train_student_cmd(config_file, nproc, **flags):
 
         cfg.grad_accum_for(nproc)  # a global batch that N cannot split is reported once, before launching
         relaunch_under_torchrun(nproc, strip_nproc(sys.argv[1:]))  # does not return
+    from rlkd.trainer.checkpoint import CheckpointError
+    from rlkd.trainer.data import NothingToTrainError
     from rlkd.trainer.loop import TrainSetupError, train_student
 
     try:
         summary = train_student(cfg)
-    except (TrainSetupError, TokenizerMismatchError, CacheCorruptError, FileNotFoundError) as e:
+    except (TrainSetupError, CheckpointError, NothingToTrainError, TokenizerMismatchError, CacheCorruptError,
+            FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"final student: {summary['final']} (step {summary['step']})")

@@ -412,6 +412,6 @@ def test_epochs_eval_cache_checkpointing_and_tensorboard(cache_dir, tiny_teacher
     used_model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(tiny_student_dir))
     used_opt = torch.optim.SGD(used_model.parameters())
     save_checkpoint(tmp_path / "used", 5, model=used_model, optimizer=used_opt,
-                    scheduler=torch.optim.lr_scheduler.LambdaLR(used_opt, lambda s: 1.0), trainer_state={})
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(used_opt, lambda s: 1.0), trainer_state={"data": {}})
     with pytest.raises(loop.TrainSetupError, match="--resume auto"):
         loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "used", **common))

@@ -12,6 +12,8 @@ passed back with ``--config``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -93,6 +95,10 @@ class DataConfig:
     """Micro-batches pooled together when ``group_by_length`` is on."""
     shuffle_buffer: int = 1024
     """The cache reader's shuffle buffer, in rows."""
+    allow_incomplete: bool = False
+    """Train on a cache whose manifest says ``complete: false`` (stage 1 stopped early, or is still running): only
+    the shards finished so far are read. Off: such a cache is refused, so a half-written cache is not trained on by
+    mistake."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -274,6 +280,7 @@ def build_train_config(file_values: dict | None = None, flags: dict | None = Non
 
     route(file_values or {}, 0)
     route({k: v for k, v in (flags or {}).items() if v is not None}, 1)
+    problems += _drop_non_finite(per_section)
 
     built: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
@@ -288,6 +295,27 @@ def build_train_config(file_values: dict | None = None, flags: dict | None = Non
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _drop_non_finite(per_section: dict[str, list[dict]]) -> list[str]:
+    """Refuse nan and inf for every float option (``--lr nan`` passes ``lr <= 0``, then breaks AdamW or the loss).
+
+    A refused value is removed, so the section's own checks do not report the same option a second time.
+    """
+    problems = []
+    for section, layers in per_section.items():
+        hints = typing.get_type_hints(SECTIONS[section])
+        floats = {name for name, hint in hints.items() if hint is float or float in typing.get_args(hint)}
+        for layer in layers:
+            for name in [n for n in layer if n in floats]:
+                try:
+                    number = float(layer[name])
+                except (TypeError, ValueError):
+                    continue  # not a number at all: the type check names it
+                if not math.isfinite(number):
+                    problems.append(f"{name} (--{name.replace('_', '-')}) must be a finite number, got "
+                                    f"{layer.pop(name)!r}")
+    return problems
 
 
 def train_config_from_dict(grouped: dict) -> TrainConfig:
