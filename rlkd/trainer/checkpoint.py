@@ -190,9 +190,9 @@ def choose_checkpoint(resume: str | None, out_dir: str | Path,
             damaged.append(found)
             continue
         if damaged:
-            say(f"warning: {_describe(damaged)}; resuming from {path.name}, the newest checkpoint that verifies "
-                f"(the damaged one{'s are' if len(damaged) > 1 else ' is'} left in place: delete "
-                f"{'them' if len(damaged) > 1 else 'it'} once you have looked)")
+            say(f"warning: {_describe(damaged)}; resuming from {path.name}, the newest checkpoint that verifies. "
+                f"Nothing was deleted (a save at the same step replaces "
+                f"{', '.join(v.path.name for v in damaged)})")
         _say_unchecked(found, say)
         return path, found.state
     if damaged:
