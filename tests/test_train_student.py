@@ -467,6 +467,15 @@ def test_train_stream_stops_instead_of_looping_over_empty_epochs(cache_dir):
     assert [b["row_id"] for b in resumed] == full[first_epoch:]
 
 
+def test_resume_drops_metrics_after_the_checkpoint_and_a_half_written_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "total": 1.0 / s}) for s in (1, 2, 3, 4)]
+    lines.insert(2, json.dumps({"step": 2, "split": "eval", "eval_kd": 0.5}))
+    path.write_text("\n".join(lines) + '\n{"step": 5, "tot')  # SIGKILL in the middle of a write
+    loop._truncate_metrics(path, 3)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 2, 3]
+
+
 def test_count_trainable_rows_matches_a_row_by_row_count(tiny_teacher_dir, tmp_path):
     from rlkd.cache import CacheWriter, read_manifest
     from tests.cache_from_model import teacher_rows

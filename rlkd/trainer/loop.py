@@ -452,10 +452,19 @@ def _warn_config_changes(saved: dict, now: dict, where: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+    """Drop lines logged after the checkpoint we resume from: they will be logged again. A line that does not parse
+    (the half-written last line of a killed run) is dropped too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+
+    def step_of(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    kept = [line for line in path.read_text(errors="replace").splitlines()
+            if (logged := step_of(line)) is not None and logged <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
