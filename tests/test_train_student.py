@@ -615,6 +615,7 @@ def test_epochs_eval_cache_checkpointing_and_tensorboard(cache_dir, tiny_teacher
     with pytest.raises(loop.TrainSetupError, match="pip install tensorboard"):
         loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "no-tb", report_to="tensorboard",
                                     **common))
+    assert not (tmp_path / "no-tb").exists()  # refused before anything was written
     # an OUT with checkpoints is not silently overwritten
     used_model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(tiny_student_dir))
     used_opt = torch.optim.SGD(used_model.parameters())

@@ -129,6 +129,8 @@ def setup(cfg: TrainConfig) -> Run:
         raise TrainSetupError(str(e)) from None
     out = Path(cfg.run.out)
     check_out(out, cfg.run.resume)
+    if cfg.run.report_to == "tensorboard":
+        _summary_writer()  # refuse a missing package now, not after writing into OUT
     resume_from, saved = _choose_resume(cfg, out, ctx, device)
 
     # Refusals: the cache's ids must mean the same tokens to the student, and fit in its vocabulary.
@@ -487,15 +489,20 @@ class JsonlSink:
         self.f.close()
 
 
+def _summary_writer():
+    """TensorBoard's ``SummaryWriter`` class, or a :class:`TrainSetupError` saying what to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch ships the wrapper; the writer needs the tensorboard package
+        raise TrainSetupError("--report-to tensorboard needs the tensorboard package: `pip install tensorboard`"
+                              ) from e
+    return SummaryWriter
+
+
 class TensorboardSink:
     def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # torch ships the wrapper; the writer needs the tensorboard package
-            raise TrainSetupError("--report-to tensorboard needs the tensorboard package: `pip install tensorboard`"
-                                  ) from e
         self.log_dir = log_dir
-        self.make_writer = SummaryWriter
+        self.make_writer = _summary_writer()
         self.writer = None  # made on the first record: a run that fails before it leaves no events folder
 
     def log(self, record: dict) -> None:
