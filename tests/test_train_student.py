@@ -21,8 +21,7 @@ import yaml
 
 from rlkd.cache import CacheReader, TokenizerMismatchError
 from rlkd.config import ConfigError
-from rlkd.trainer import loop
-from rlkd.trainer import checkpoint
+from rlkd.trainer import checkpoint, loop
 from rlkd.trainer.checkpoint import CheckpointError, choose_checkpoint, latest_checkpoint, list_checkpoints, \
     save_checkpoint, verify_checkpoint
 from rlkd.trainer.config import SECTIONS, build_train_config

@@ -42,9 +42,9 @@ import yaml
 
 from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
 from rlkd.config import ConfigError
+from rlkd.trainer import distributed as dist
 from rlkd.trainer.checkpoint import CheckpointError, checkpoint_dir, choose_checkpoint, list_checkpoints, \
     load_checkpoint, read_state, save_checkpoint
-from rlkd.trainer import distributed as dist
 from rlkd.trainer.chunked import chunked_distill_loss
 from rlkd.trainer.config import TrainConfig
 from rlkd.trainer.data import TrainStream, batch_positions, batch_tokens, count_trainable_rows, load_eval_batches, \
@@ -212,8 +212,9 @@ def run_outputs(out: Path) -> list[str]:
     if not out.is_dir():
         return []
     checkpoints = [p.name for _, p in list_checkpoints(out)]
-    found = checkpoints[-3:] if len(checkpoints) <= 3 else [f"{len(checkpoints)} checkpoints up to "
-                                                              f"{checkpoints[-1]}"]
+    if len(checkpoints) > 3:
+        checkpoints = [f"{len(checkpoints)} checkpoints up to {checkpoints[-1]}"]
+    found = list(checkpoints)
     found += [f"{name}/" for name in ("final", "tensorboard") if (out / name).is_dir()]
     metrics = out / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size > 0:
