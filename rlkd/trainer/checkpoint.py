@@ -130,6 +130,8 @@ def read_state(path: str | Path) -> dict:
     missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{file} lacks {', '.join(missing)}: it is damaged or not an rlkd trainer state")
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise CheckpointError(f"{file}: step {state['step']!r} is not a step number: the file is damaged")
     return state
 
 
