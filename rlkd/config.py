@@ -129,7 +129,7 @@ def build_config(cls: type[T], *layers: dict | None, source: str = "config") -> 
                 problems.append(f"unknown option {key!r}{hint}")
                 continue
             before = len(problems)
-            value = _coerce(value, hints[name], name, problems)
+            value = _coerce(value, hints[name], f"{name} ({flag_of(fields[name])})", problems)
             if len(problems) == before:
                 merged[name] = value
             else:  # reported; the cross-field checks below see the default instead

@@ -183,7 +183,7 @@ def test_non_finite_numbers_are_refused_for_every_float_option(cls_path):
 
     for fname in floats:
         for bad in ("nan", "inf", "-inf"):
-            with pytest.raises(ConfigError, match=f"{fname}: expected a finite number"):
+            with pytest.raises(ConfigError, match=rf"{fname} \(--[a-z-]+\): expected a finite number"):
                 build_config(cls, {"teacher": "t", "dataset": "d", "out": "o", "student": "s", "cache": "c",
                                    "max_steps": 3}, {fname: bad})
 
@@ -191,5 +191,5 @@ def test_non_finite_numbers_are_refused_for_every_float_option(cls_path):
 def test_lr_nan_on_the_command_line_is_one_usage_error():
     result = CliRunner().invoke(main, ["train-student", "--student", "s", "--cache", "c", "--out", "o",
                                        "--max-steps", "2", "--lr", "nan"])
-    assert result.exit_code == 2 and "lr: expected a finite number" in result.output
+    assert result.exit_code == 2 and "lr (--lr): expected a finite number" in result.output
     assert "Traceback" not in result.output

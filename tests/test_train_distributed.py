@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,3 +201,25 @@ def test_ddp_two_processes_match_one_over_an_epoch_with_a_short_last_step(cache_
     assert len(ref) == -(-micro // (global_batch // 2))
     assert_same_trajectory(ddp, single, len(ref))
     assert_final_loads_and_matches(ddp, single, atol=1e-2)
+
+
+def test_two_processes_resume_auto_falls_back_past_a_damaged_checkpoint(cache_dir, tiny_student_dir, tmp_path):
+    """Rank 0 writes and verifies the checksums; on resume it verifies, falls back, says so once, and tells the
+    other rank which checkpoint to load."""
+    steps = 4
+    common = dict(student=tiny_student_dir, cache=cache_dir, save_every=2, max_steps=steps, strategy="ddp")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train(2, _args(out=reference, **common))
+    shutil.copytree(reference, resumed)
+    optimizer = resumed / "checkpoint-4" / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    optimizer.write_bytes(bytes(data))
+
+    done = subprocess.run(_command(2, _args(out=resumed, resume="auto", **common)), env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stderr.count("checkpoint-4 does not verify") == 1, done.stderr[-4000:]  # rank 0 only
+    assert "resumed from" in done.stderr and "checkpoint-2 at step 2" in done.stderr
+    assert_same_trajectory(resumed, reference, steps)
+    assert_final_loads_and_matches(resumed, reference, atol=1e-4)

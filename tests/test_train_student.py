@@ -21,11 +21,12 @@ import yaml
 
 from rlkd.cache import CacheReader, TokenizerMismatchError
 from rlkd.config import ConfigError
-from rlkd.trainer import loop
-from rlkd.trainer.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from rlkd.trainer import checkpoint, loop
+from rlkd.trainer.checkpoint import CheckpointError, choose_checkpoint, latest_checkpoint, list_checkpoints, \
+    save_checkpoint, verify_checkpoint
 from rlkd.trainer.config import SECTIONS, build_train_config
-from rlkd.trainer.data import TrainStream, is_eval_row, load_eval_batches
 from rlkd.core.targets import TeacherTargets
+from rlkd.trainer.data import NothingToTrainError, TrainStream, count_trainable_rows, is_eval_row, load_eval_batches
 from rlkd.trainer.losses import DistillLoss
 from tests import tiny
 from tests.cache_from_model import write_cache_from_model
@@ -325,6 +326,211 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, tiny_student_dir):
     assert latest_checkpoint(tmp_path).name == "checkpoint-3"
 
 
+def _zero_64_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the tensors, past the zip headers
+    data[middle: middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_matches_an_uninterrupted_run(
+        cache_dir, tiny_student_dir, tmp_path, capsys):
+    """Zeroed bytes in the newest checkpoint's optimizer.pt used to resume silently into other weights, and
+    --keep-last 2 then deleted the good older checkpoint."""
+    common = dict(batch_size=4, lr=2e-3, schedule="constant", save_every=1, keep_last=2, seed=3)
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, straight, max_steps=6, **common))
+    # the same run stopped at step 4 (a constant lr makes max_steps irrelevant to the first 4 steps)
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, broken, max_steps=4, **common))
+    assert [s for s, _ in list_checkpoints(broken)] == [3, 4]
+    _zero_64_bytes(broken / "checkpoint-4" / "optimizer.pt")
+    assert verify_checkpoint(broken / "checkpoint-3").problems == []
+    capsys.readouterr()
+
+    loop.train_student(make_cfg(tiny_student_dir, cache_dir, broken, max_steps=6, resume="auto", **common))
+    err = capsys.readouterr().err
+    assert "checkpoint-4 does not verify" in err and "optimizer.pt" in err, err
+    assert "resuming from checkpoint-3" in err and "resumed from" in err and "at step 3" in err, err
+    # from checkpoint-3 on, the run is the uninterrupted one: same weights bit for bit, same metrics
+    a, b = state_of(straight / "final"), state_of(broken / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = ("tokens_per_s", "positions_per_s", "step_time_s")
+    untimed = [[{k: v for k, v in r.items() if k not in timing} for r in read_metrics(out)[0]]
+               for out in (straight, broken)]
+    assert untimed[0] == untimed[1] and [r["step"] for r in untimed[1]] == list(range(1, 7))
+    # keep_last 2: the damaged checkpoint-4 was replaced by a good one, and what is left verifies
+    assert [s for s, _ in list_checkpoints(broken)] == [5, 6]
+    assert all(verify_checkpoint(p).problems == [] for _, p in list_checkpoints(broken))
+
+
+def _tiny_training_state(student_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir))
+    opt = torch.optim.AdamW(model.parameters())
+    return dict(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
+def test_a_checkpoint_is_pruned_only_after_a_newer_one_is_written_and_verified(tmp_path, tiny_student_dir,
+                                                                               monkeypatch):
+    parts = _tiny_training_state(tiny_student_dir)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, **parts, trainer_state={"data": {}}, keep_last=2)
+
+    # step 3 reads back other bytes than were written (simulated by recording a wrong sha256 for optimizer.pt):
+    # it is refused, and nothing older is pruned, even with keep_last=1
+    real_digests = checkpoint.file_digests
+
+    def wrong_digests(folder, **kw):
+        digests = real_digests(folder, **kw)
+        digests["optimizer.pt"] = {**digests["optimizer.pt"], "sha256": "0" * 64}
+        return digests
+
+    monkeypatch.setattr(checkpoint, "file_digests", wrong_digests)
+    with pytest.raises(CheckpointError, match=r"checkpoint-3 was written but does not read back.*optimizer\.pt.*"
+                                              r"no older checkpoint was pruned"):
+        save_checkpoint(tmp_path, 3, **parts, trainer_state={"data": {}}, keep_last=1)
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2, 3]
+
+    # a resume that fell back to checkpoint-1 saves step 2 again: the fresh checkpoint-2 is kept, the leftover
+    # checkpoint-3 (newer, from the abandoned timeline) neither counts towards keep_last nor is deleted
+    save_checkpoint(tmp_path, 2, **parts, trainer_state={"data": {}}, keep_last=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert verify_checkpoint(tmp_path / "checkpoint-2").problems == []
+
+
+def test_choose_checkpoint_verifies_names_the_damaged_file_and_falls_back(tmp_path, tiny_student_dir):
+    parts = _tiny_training_state(tiny_student_dir)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, **parts, trainer_state={"data": {"epoch": 0}}, keep_last=0)
+    said: list[str] = []
+    assert choose_checkpoint("auto", tmp_path, said.append)[0].name == "checkpoint-3" and said == []
+
+    # a truncated state file, and a state file whose content was edited (still valid JSON)
+    state3 = tmp_path / "checkpoint-3" / "trainer_state.json"
+    state3.write_text(state3.read_text()[:120])
+    state2 = tmp_path / "checkpoint-2" / "trainer_state.json"
+    state2.write_text(state2.read_text().replace('"step": 2', '"step": 7'))
+    path, state = choose_checkpoint("auto", tmp_path, said.append)
+    assert path.name == "checkpoint-1" and state["step"] == 1
+    (message,) = said
+    assert "checkpoint-3/trainer_state.json is not valid JSON" in message
+    assert "checkpoint-2/trainer_state.json does not match its own checksum" in message
+    assert "resuming from checkpoint-1" in message
+
+    # an explicit --resume of a damaged checkpoint is refused, naming the file
+    with pytest.raises(CheckpointError, match=r"--resume .*checkpoint-3.*trainer_state\.json is not valid JSON"):
+        choose_checkpoint(str(tmp_path / "checkpoint-3"), tmp_path, said.append)
+    # a missing file is named too; with nothing left that verifies, --resume auto fails clearly
+    (tmp_path / "checkpoint-1" / "scheduler.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies.*checkpoint-1/scheduler\.pt is missing"):
+        choose_checkpoint("auto", tmp_path, said.append)
+    # a checkpoint written before checksums existed is used, with a warning that it was not verified
+    legacy = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
+    del legacy["files"], legacy["state_sha256"]
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text(json.dumps(legacy))
+    said.clear()
+    assert choose_checkpoint("auto", tmp_path, said.append)[0].name == "checkpoint-1"
+    assert "no checksums" in said[-1]
+
+
+def test_train_stream_stops_instead_of_looping_over_empty_epochs(cache_dir):
+    class EpochLimit(CacheReader):
+        def set_epoch(self, epoch: int) -> None:
+            assert epoch < 5, "the stream kept looping over epochs that yield nothing"
+            super().set_epoch(epoch)
+
+    fraction = 1 - 1e-6  # holds out every row of this cache (checked below)
+    assert count_trainable_rows(cache_dir, CacheReader(cache_dir).manifest, fraction, stop_after=None)[
+        "trainable"] == 0
+    for epochs in (None, 1):
+        stream = TrainStream(EpochLimit(cache_dir, batch_size=4, seed=1), batch_size=4, eval_fraction=fraction,
+                             epochs=epochs)
+        with pytest.raises(NothingToTrainError, match="nothing to train"):
+            next(iter(stream))
+
+    # a stream resumed right after the last batch of an epoch yields nothing more of it, and that is no error
+    kw = dict(batch_size=4, eval_fraction=0.2, seed=1)
+
+    def stream(epochs):
+        return TrainStream(CacheReader(cache_dir, batch_size=4, seed=1), epochs=epochs, **kw)
+
+    first_epoch = len(list(stream(1)))
+    full = [b["row_id"] for b in stream(2)]
+    s = stream(2)
+    it = iter(s)
+    for _ in range(first_epoch):
+        next(it)
+    resumed = stream(2)
+    resumed.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert [b["row_id"] for b in resumed] == full[first_epoch:]
+
+
+def test_resume_drops_metrics_after_the_checkpoint_and_a_half_written_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "total": 1.0 / s}) for s in (1, 2, 3, 4)]
+    lines.insert(2, json.dumps({"step": 2, "split": "eval", "eval_kd": 0.5}))
+    path.write_text("\n".join(lines) + '\n{"step": 5, "tot')  # SIGKILL in the middle of a write
+    loop._truncate_metrics(path, 3)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 2, 3]
+
+
+def test_count_trainable_rows_matches_a_row_by_row_count(tiny_teacher_dir, tmp_path):
+    from rlkd.cache import CacheWriter, read_manifest
+    from tests.cache_from_model import teacher_rows
+
+    reference = write_cache_from_model(tiny_teacher_dir, tmp_path / "ref", n_rows=1, k=4)
+    manifest = read_manifest(reference)
+    meta = {key: manifest[key] for key in ("teacher", "tokenizer", "dataset", "config", "logprobs_mode",
+                                           "temperature", "engine")}
+    rows = teacher_rows(tiny_teacher_dir, 30, k=4, seed=2)
+    for row in rows[::3]:  # every third row without a trained position
+        row.loss_mask[:] = False
+    cache = tmp_path / "mixed"
+    with CacheWriter(cache, meta, k=4, codec="fp32", row_group_rows=4) as writer:
+        for row in rows:
+            writer.write(row)
+    manifest = read_manifest(cache)
+    for fraction in (0.0, 0.4):
+        held = [is_eval_row(r.row_id, fraction) for r in rows]
+        expected = {"rows": 30, "held_out": sum(held),
+                    "no_positions": sum(not h and not r.loss_mask.any() for h, r in zip(held, rows)),
+                    "trainable": sum(not h and bool(r.loss_mask.any()) for h, r in zip(held, rows))}
+        assert count_trainable_rows(cache, manifest, fraction, stop_after=None) == expected
+        assert 0 < expected["no_positions"] and (fraction == 0 or 0 < expected["held_out"])
+    early = count_trainable_rows(cache, manifest, 0.0)  # stops after the first row group with a trainable row
+    assert early["trainable"] >= 1 and early["rows"] == 4
+
+
+def test_a_run_that_never_logged_a_step_can_be_retried_and_incomplete_caches_need_a_flag(
+        cache_dir, tiny_student_dir, tmp_path, capsys):
+    import shutil
+
+    # what a run that failed before its first step (e.g. out of memory) leaves: nothing worth protecting
+    out = tmp_path / "retry"
+    out.mkdir()
+    (out / "train_config.yaml").write_text("run: {seed: 99}\n")
+    (out / "metrics.jsonl").write_text("")
+    cfg = make_cfg(tiny_student_dir, cache_dir, out, max_steps=1, save_every=0, batch_size=4)
+    loop.train_student(cfg)
+    assert yaml.safe_load((out / "train_config.yaml").read_text()) == cfg.to_dict()
+    assert [r["step"] for r in read_metrics(out)[0]] == [1]
+    assert "stopped before logging a step" in capsys.readouterr().err
+
+    incomplete = tmp_path / "incomplete-cache"
+    shutil.copytree(cache_dir, incomplete)
+    manifest = json.loads((incomplete / "manifest.json").read_text())
+    (incomplete / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(loop.TrainSetupError, match="not complete.*--allow-incomplete"):
+        loop.train_student(make_cfg(tiny_student_dir, incomplete, tmp_path / "refused", max_steps=1))
+    assert not (tmp_path / "refused").exists()
+    loop.train_student(make_cfg(tiny_student_dir, incomplete, tmp_path / "allowed", max_steps=1, save_every=0,
+                                allow_incomplete=True))
+    assert f"using the {manifest['rows']} rows written so far" in capsys.readouterr().err
+    assert (tmp_path / "allowed" / "final" / "model.safetensors").is_file()
+
+
 # ---- refusals ---------------------------------------------------------------------------------------------------
 
 def test_refuses_other_tokenizer_before_training(cache_dir, tmp_path):
@@ -409,11 +615,12 @@ def test_epochs_eval_cache_checkpointing_and_tensorboard(cache_dir, tiny_teacher
     with pytest.raises(loop.TrainSetupError, match="pip install tensorboard"):
         loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "no-tb", report_to="tensorboard",
                                     **common))
+    assert not (tmp_path / "no-tb").exists()  # refused before anything was written
     # an OUT with checkpoints is not silently overwritten
     used_model = __import__("transformers").AutoModelForCausalLM.from_pretrained(str(tiny_student_dir))
     used_opt = torch.optim.SGD(used_model.parameters())
     save_checkpoint(tmp_path / "used", 5, model=used_model, optimizer=used_opt,
-                    scheduler=torch.optim.lr_scheduler.LambdaLR(used_opt, lambda s: 1.0), trainer_state={})
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(used_opt, lambda s: 1.0), trainer_state={"data": {}})
     with pytest.raises(loop.TrainSetupError, match="--resume auto"):
         loop.train_student(make_cfg(tiny_student_dir, cache_dir, tmp_path / "used", **common))
 

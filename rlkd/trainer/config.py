@@ -26,16 +26,20 @@ class RunConfig:
     """The student: a local Hugging Face folder or a hub name, loaded with ``AutoModelForCausalLM``. Its tokenizer
     must be the one the cache was written with."""
     out: str
-    """Output folder: checkpoints, ``final/``, ``metrics.jsonl`` and the resolved config go here."""
+    """Output folder: checkpoints, ``final/``, ``metrics.jsonl`` and the resolved config go here. A folder that
+    already holds a run (checkpoints, ``final/``, logged metrics, tensorboard events) is refused unless ``resume``
+    continues that run."""
     seed: int = 0
     """Seeds torch, numpy and python RNGs and the cache reader's shuffle."""
     resume: str | None = None
-    """``auto`` continues from the latest complete ``OUT/checkpoint-*``, a path continues from that checkpoint;
-    unset starts from scratch (and refuses an OUT that already holds checkpoints)."""
+    """``auto`` continues from the newest ``OUT/checkpoint-*`` whose sha256 sums verify (falling back past damaged
+    ones, and starting from scratch when OUT holds no run); a path continues from that checkpoint, which must verify;
+    unset starts from scratch. Resuming onto another student or cache is refused."""
     save_every: int = 500
     """Save ``OUT/checkpoint-{step}/`` every this many optimizer steps (0: only the final model)."""
     keep_last: int = 3
-    """Keep only the newest this many checkpoints (0: keep all)."""
+    """Keep only the newest this many checkpoints (0: keep all); older ones are deleted only after a newer one has
+    been written and verified."""
     device: str = "auto"
     """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     gradient_checkpointing: bool = False
@@ -97,6 +101,10 @@ class DataConfig:
     """Micro-batches pooled together when ``group_by_length`` is on."""
     shuffle_buffer: int = 1024
     """The cache reader's shuffle buffer, in rows."""
+    allow_incomplete: bool = False
+    """Train on a cache whose manifest says ``complete: false`` (stage 1 stopped early, or is still running): only
+    the shards finished so far are read. Off: such a cache is refused, so a half-written cache is not trained on by
+    mistake."""
 
     def validate(self) -> list[str]:
         problems = []

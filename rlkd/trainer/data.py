@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 from rlkd.cache.schema import TeacherRow
 from rlkd.core.targets import ModelBatch, collate
+from rlkd.errors import UserError
 
 
 # ---- eval split -------------------------------------------------------------------------------------------------
@@ -37,6 +39,10 @@ def is_eval_row(row_id: str, eval_fraction: float) -> bool:
 
 
 # ---- training stream with exact resume --------------------------------------------------------------------------
+
+class NothingToTrainError(UserError, ValueError):
+    """No row of the cache can be trained on (empty, all held out for eval, or no trained position)."""
+
 
 class TrainStream:
     """Training micro-batches over epochs, eval rows removed, optionally grouped by length; resumable exactly.
@@ -94,9 +100,11 @@ class TrainStream:
     def __iter__(self) -> Iterator[ModelBatch]:
         while self.epochs is None or self.epoch < self.epochs:
             self.reader.set_epoch(self.epoch)
+            whole_epoch = self._pool_start is None  # not resumed part-way: an empty pass means an empty stream
             if self._pool_start is not None:
                 self.reader.load_state_dict(self._pool_start)
             it = iter(self.reader)
+            yielded = 0
             while True:
                 self._pool_start = self.reader.state_dict()
                 pool = self._make_pool(it)
@@ -106,9 +114,15 @@ class TrainStream:
                 self._consumed = skip
                 for batch in pool[skip:]:
                     self._consumed += 1
+                    yielded += 1
                     yield batch
                 self._pool_index += 1
                 self._consumed = 0
+            if whole_epoch and not yielded:  # every later epoch would be empty too: never loop over them
+                raise NothingToTrainError(
+                    f"nothing to train: a whole pass over {getattr(self.reader, 'cache_dir', 'the cache')} "
+                    f"({getattr(self.reader, 'num_rows', '?')} rows) gave no training batch; every row is held out "
+                    f"by eval_fraction={self.eval_fraction} or has no trained position")
             self.epoch += 1
             self._pool_start = None
             self._pool_index = 0
@@ -139,3 +153,38 @@ def load_eval_batches(reader, *, batch_size: int, eval_fraction: float, max_rows
     if pending:
         batches.append(collate(pending, reader.k))
     return batches
+
+
+# ---- cache checks -----------------------------------------------------------------------------------------------
+
+def count_trainable_rows(cache_dir: str | Path, manifest: dict, eval_fraction: float, *,
+                         stop_after: int | None = 1) -> dict[str, int]:
+    """Count the cache's rows by what training does with them: ``held_out`` (eval split), ``no_positions`` (no
+    trained position), ``trainable``; ``rows`` is how many were looked at.
+
+    Reads only the ``row_id`` and ``loss_mask`` columns, and stops after the row group where ``trainable`` reaches
+    ``stop_after`` (None: count everything), so checking that there is something to train is cheap when there is.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    counts = {"rows": 0, "held_out": 0, "no_positions": 0, "trainable": 0}
+    for shard in manifest.get("shards", []):
+        pf = pq.ParquetFile(Path(cache_dir) / shard["file"])
+        for rg in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(rg, columns=["row_id", "loss_mask"])
+            mask = table.column("loss_mask").combine_chunks()  # list<bool>, one (P,) list per row
+            trained = np.concatenate([[0], np.cumsum(mask.values.to_numpy(zero_copy_only=False))])
+            offsets = mask.offsets.to_numpy()
+            per_row = trained[offsets[1:]] - trained[offsets[:-1]]  # (rows,) trained positions
+            for row_id, n in zip(table.column("row_id").to_pylist(), per_row.tolist()):
+                counts["rows"] += 1
+                if is_eval_row(row_id, eval_fraction):
+                    counts["held_out"] += 1
+                elif n == 0:
+                    counts["no_positions"] += 1
+                else:
+                    counts["trainable"] += 1
+            if stop_after is not None and counts["trainable"] >= stop_after:
+                return counts
+    return counts

@@ -20,8 +20,10 @@ How a distributed run works
   out repeat a micro-batch with weight 0 (:func:`rank_share` says which).
 * **Checkpoints:** the full model and optimizer state dicts are gathered to rank 0 (``torch.distributed.checkpoint``'s
   ``get_*_state_dict(full_state_dict=True, cpu_offload=True)``) and written in the single-process format, so a run
-  resumes onto the same or a different N, including N=1. This needs the full fp32 model and AdamW state in rank 0's
-  CPU memory (16 bytes per parameter: 16 GB for a 1B student). Larger students would want sharded DCP checkpoints.
+  resumes onto the same or a different N, including N=1. Rank 0, the writer, also computes and verifies the
+  checksums; on resume rank 0 verifies and broadcasts the step it chose (:func:`broadcast_int`). This needs the
+  full fp32 model and AdamW state in rank 0's CPU memory (16 bytes per parameter: 16 GB for a 1B student). Larger
+  students would want sharded DCP checkpoints.
 """
 
 from __future__ import annotations
@@ -160,6 +162,16 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (``value`` itself when not distributed). ``device``: this rank's device
+    (NCCL moves CUDA tensors only)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
 
 
 def barrier() -> None:

@@ -43,12 +43,13 @@ from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
 from rlkd.core.metrics import PeakMetrics, left_out_note
 from rlkd.core.targets import ModelBatch, vocab_problem
 from rlkd.errors import UserError
-from rlkd.trainer.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from rlkd.config import ConfigError
 from rlkd.trainer import distributed as dist
+from rlkd.trainer.checkpoint import CheckpointError, checkpoint_dir, choose_checkpoint, list_checkpoints, \
+    load_checkpoint, read_state, save_checkpoint
 from rlkd.trainer.chunked import chunked_distill_loss
 from rlkd.trainer.config import TrainConfig
-from rlkd.trainer.data import TrainStream, load_eval_batches
+from rlkd.trainer.data import TrainStream, count_trainable_rows, load_eval_batches
 from rlkd.trainer.losses import DistillLoss, RankLoss
 from rlkd.trainer.student import StudentWithHead
 
@@ -111,8 +112,12 @@ def train_student(cfg: TrainConfig) -> dict:
 # ---- setup ------------------------------------------------------------------------------------------------------
 
 def setup(cfg: TrainConfig) -> Run:
-    """Check everything that can be checked before a step, then build model, data, optimizer and sinks."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Check everything that can be checked before a step, then build model, data, optimizer and sinks.
+
+    Nothing is written to OUT before every check has passed (on every process), so a refused run leaves OUT as it
+    was.
+    """
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-save "Writing model shards" bars would break our tqdm line
@@ -123,19 +128,30 @@ def setup(cfg: TrainConfig) -> Run:
     except (ValueError, ConfigError) as e:
         raise TrainSetupError(str(e)) from None
     out = Path(cfg.run.out)
-    resume_from = resolve_resume(cfg.run.resume, out)
-    if resume_from is None and latest_checkpoint(out) is not None:
-        raise TrainSetupError(
-            f"{out} already holds checkpoints ({latest_checkpoint(out).name}): pass --resume auto to continue that "
-            "run, or choose another --out")
+    check_out(out, cfg.run.resume)
+    if cfg.run.report_to == "tensorboard":
+        _summary_writer()  # refuse a missing package now, not after writing into OUT
+    resume_from, saved = _choose_resume(cfg, out, ctx, device)
 
     # Refusals: the cache's ids must mean the same tokens to the student, and fit in its vocabulary.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.run.student)
-    check_student_fits_cache(cfg, tokenizer, AutoConfig.from_pretrained(cfg.run.student))
+    tokenizer, student_config = _load_student_files(cfg.run.student)
+    check_student_fits_cache(cfg, tokenizer, student_config)
+
+    # Every process reads the same global stream (rank 0 of 1) and takes its share of each step's window.
+    reader = CacheReader(cfg.data.cache, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.run.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer)
+    check_something_to_train(cfg, reader, say=lambda m: _say_rank0(ctx, m))
+    if saved is not None:
+        check_resume_matches(cfg, saved, resume_from, reader)
 
     _seed_everything(cfg.run.seed)
-    model_path = str(resume_from / "model") if resume_from else cfg.run.student
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)  # fp32 master weights
+    model_path = resume_from / "model" if resume_from else Path(cfg.run.student)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)  # fp32 master weights
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors raise many types; name the folder instead
+        what = f"the checkpoint {resume_from}" if resume_from else f"--student {cfg.run.student}"
+        raise TrainSetupError(f"cannot load the model weights of {what} from {model_path} ({type(e).__name__}: "
+                              f"{_first_line(e)}): the files are damaged or incomplete") from None
     model.to(device)
     model.config.use_cache = False
     if cfg.run.gradient_checkpointing:
@@ -143,9 +159,6 @@ def setup(cfg: TrainConfig) -> Run:
     model.train()
     student = dist.wrap(StudentWithHead(model), ctx, device)
 
-    # Every process reads the same global stream (rank 0 of 1) and takes its share of each step's window.
-    reader = CacheReader(cfg.data.cache, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.run.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
     epochs = int(cfg.optim.epochs) if cfg.optim.epochs is not None else None
     stream = TrainStream(reader, batch_size=cfg.data.batch_size, eval_fraction=cfg.data.eval_fraction,
                          group_by_length=cfg.data.group_by_length, length_group=cfg.data.length_group,
@@ -166,25 +179,210 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer, loss_fn=DistillLoss(cfg.loss),
               optimizer=optimizer, scheduler=scheduler, stream=stream, total_steps=total_steps,
               eval_reader=eval_reader, ctx=ctx, student=student, grad_accum=grad_accum)
-
-    if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
         run.step = int(state["step"])
         stream.load_state_dict(state["data"])
-        if ctx.rank == 0:
-            _warn_config_changes(state.get("config", {}), cfg.to_dict(), resume_from)
-            _truncate_metrics(out / "metrics.jsonl", run.step)
-        _say(run, f"resumed from {resume_from} at step {run.step}")
+
+    dist.barrier()  # every process has checked OUT before rank 0 writes into it
     if ctx.rank == 0:
+        if not run_outputs(out) and (out / "train_config.yaml").is_file():
+            _say(run, f"note: {out} holds the config of a run that stopped before logging a step; replacing it")
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            _warn_config_changes(saved.get("config", {}), cfg.to_dict(), resume_from)
+            _truncate_metrics(out / "metrics.jsonl", run.step)
         (out / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run.sinks = _open_sinks(cfg, out)
+    if resume_from is not None:
+        _say(run, f"resumed from {resume_from} at step {run.step}")
     if ctx.distributed:
         _say(run, f"{ctx.world_size} processes ({ctx.strategy}, {device.type}), {grad_accum} micro-batch(es) of "
                   f"{cfg.data.batch_size} rows per process and step: {rows_per_step} rows per step")
     dist.barrier()  # OUT exists before anyone writes into it
     return run
+
+
+# ---- setup checks -----------------------------------------------------------------------------------------------
+
+def run_outputs(out: Path) -> list[str]:
+    """What an earlier run left in ``out`` that a new run would overwrite or mix with: checkpoints, ``final/``,
+    logged metrics, tensorboard events, and then its ``train_config.yaml``. A run that stopped before logging a
+    step (a config and an empty ``metrics.jsonl``) left nothing to lose and is not listed."""
+    if not out.is_dir():
+        return []
+    checkpoints = [p.name for _, p in list_checkpoints(out)]
+    if len(checkpoints) > 3:
+        checkpoints = [f"{len(checkpoints)} checkpoints up to {checkpoints[-1]}"]
+    found = list(checkpoints)
+    found += [f"{name}/" for name in ("final", "tensorboard") if (out / name).is_dir()]
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    if found and (out / "train_config.yaml").exists():
+        found.append("train_config.yaml")
+    return found
+
+
+def check_out(out: Path, resume: str | None) -> None:
+    """Refuse an ``--out`` that cannot be written, or whose earlier run this one would overwrite or mix with.
+
+    A fresh run needs an OUT without run outputs; ``--resume auto`` needs a checkpoint in it when it holds any
+    (else there is nothing to continue from, and ``final/`` and the metrics would be silently replaced);
+    ``--resume PATH`` continues into its own OUT, or into one without run outputs.
+    """
+    if out.exists() and not out.is_dir():
+        raise TrainSetupError(f"--out {out} is a file, not a folder: choose another --out")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainSetupError(f"--out {out}: cannot write into {existing} (not a writable folder): choose another "
+                              "--out")
+    found = run_outputs(out)
+    if not found:
+        return
+    own_checkpoint = resume not in (None, "auto") and Path(resume).resolve().parent == out.resolve()
+    if own_checkpoint or (resume == "auto" and list_checkpoints(out)):
+        return
+    held = ", ".join(found)
+    if list_checkpoints(out):
+        raise TrainSetupError(f"--out {out} already holds a run ({held}): pass --resume auto to continue it from "
+                              f"its newest checkpoint, or choose another --out (or delete {out}) to start fresh")
+    raise TrainSetupError(
+        f"--out {out} already holds a run that saved no checkpoint ({held}), so "
+        f"{'--resume auto has nothing to continue from' if resume == 'auto' else 'it cannot be continued'} and a "
+        f"new run would replace it: choose another --out, or delete {out} to start fresh (--save-every N makes a "
+        "run resumable)")
+
+
+def _choose_resume(cfg: TrainConfig, out: Path, ctx: dist.DistContext,
+                   device: torch.device) -> tuple[Path | None, dict | None]:
+    """The verified checkpoint to resume from and its trainer state (None, None: a fresh start).
+
+    Rank 0 reads and verifies the checkpoints (one read of each, not one per process) and tells the others which
+    step it chose; they then read only its small state file.
+    """
+    if not cfg.run.resume:
+        return None, None
+    path, state, error = None, None, None
+    if ctx.rank == 0:
+        try:
+            path, state = choose_checkpoint(cfg.run.resume, out, say=lambda m: _say_rank0(ctx, m))
+        except CheckpointError as e:
+            error = e
+    chosen = dist.broadcast_int(-2 if error else -1 if path is None else int(state["step"]), device)
+    if error is not None:
+        raise error
+    if chosen == -2:
+        raise CheckpointError("rank 0 found no checkpoint to resume from (its message says why)")
+    if chosen == -1:
+        return None, None
+    if ctx.rank != 0:
+        path = checkpoint_dir(out, chosen) if cfg.run.resume == "auto" else Path(cfg.run.resume)
+        state = read_state(path)
+    return path, state
+
+
+def _load_student_files(student: str):
+    """The student's tokenizer and config, with one clear error when ``--student`` is not a usable model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(student), AutoConfig.from_pretrained(student)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, hub errors...: name the flag instead
+        raise TrainSetupError(f"--student {student}: cannot load its tokenizer and config ({type(e).__name__}: "
+                              f"{_first_line(e)}); give a Hugging Face model folder or hub name") from None
+
+
+def check_something_to_train(cfg: TrainConfig, reader: CacheReader, say) -> None:
+    """Refuse an incomplete cache (unless ``allow_incomplete``) and a cache none of whose rows can be trained on:
+    empty, every row held out by ``eval_fraction``, or no row with a trained position."""
+    cache = cfg.data.cache
+    if cfg.data.eval_cache:
+        eval_manifest = read_manifest(cfg.data.eval_cache)
+        if eval_manifest.get("complete") is False:
+            _incomplete(cfg, f"the eval cache {cfg.data.eval_cache} (--eval-cache)", eval_manifest, say)
+    rows = reader.total_rows
+    if rows == 0:
+        stopped = (" and its manifest says complete: false: stage 1 stopped before it finished a shard; re-run its "
+                   "`rlkd cache-teacher` command" if reader.manifest.get("complete") is False
+                   else ": re-run stage 1 on a dataset that has rows")
+        raise TrainSetupError(f"nothing to train: the cache {cache} (--cache) holds no rows{stopped}")
+    if reader.manifest.get("complete") is False:
+        _incomplete(cfg, f"the cache {cache} (--cache)", reader.manifest, say)
+    counts = count_trainable_rows(cache, reader.manifest, cfg.data.eval_fraction)
+    if counts["trainable"]:
+        return
+    held, empty = counts["held_out"], counts["no_positions"]
+    fix_split = "lower --eval-fraction, or evaluate on a separate --eval-cache"
+    fix_mask = ("rebuild it so responses fit (a larger --max-length in `rlkd cache-teacher`) or with --loss-on all")
+    if empty == 0:
+        why = f"--eval-fraction {cfg.data.eval_fraction} holds out all {held} rows of the cache {cache}: {fix_split}"
+    elif held == 0:
+        why = (f"none of the {empty} rows of the cache {cache} has a trained position (its loss_mask is all "
+               f"false): {fix_mask}")
+    else:
+        why = (f"of the {rows} rows of the cache {cache}, --eval-fraction {cfg.data.eval_fraction} holds out {held} "
+               f"and the other {empty} have no trained position (loss_mask all false): {fix_split}, or {fix_mask}")
+    raise TrainSetupError(f"nothing to train: {why}")
+
+
+def _incomplete(cfg: TrainConfig, what: str, manifest: dict, say) -> None:
+    rows = int(manifest.get("rows", 0))
+    if not cfg.data.allow_incomplete:
+        raise TrainSetupError(
+            f"{what} is not complete (its manifest says complete: false: stage 1 stopped early or is still "
+            f"running, {rows} rows so far): re-run its `rlkd cache-teacher` command to finish it, or pass "
+            "--allow-incomplete to use the rows written so far")
+    say(f"warning: {what} is not complete (--allow-incomplete): using the {rows} rows written so far")
+
+
+def check_resume_matches(cfg: TrainConfig, state: dict, path: Path, reader: CacheReader) -> None:
+    """Refuse to resume a checkpoint onto another student or another cache (or another data order): the run would
+    silently continue the checkpoint's model, or fail part-way. All mismatches are reported together."""
+    saved = state.get("config") or {}
+    problems = []
+    saved_student = (saved.get("run") or {}).get("student")
+    if saved_student is not None and not _same_path(saved_student, cfg.run.student):
+        problems.append(f"it continues the student {saved_student}, but --student is {cfg.run.student}: pass "
+                        f"--student {saved_student} to resume that run, or choose another --out (or delete "
+                        f"{cfg.run.out}) to train {cfg.run.student} from scratch")
+    pool = (state.get("data") or {}).get("pool_start") or {}
+    saved_cache = state.get("cache") or {"path": (saved.get("data") or {}).get("cache"),
+                                         "shards": pool.get("shards"), "rows": pool.get("total_rows")}
+    now = reader.state_dict()
+    if saved_cache.get("shards") and saved_cache["shards"] != now["shards"]:
+        problems.append(f"it was trained on the cache {saved_cache.get('path')} ({saved_cache.get('rows')} rows), "
+                        f"but --cache {cfg.data.cache} holds other shards ({now['total_rows']} rows): pass --cache "
+                        f"{saved_cache.get('path')} to resume that run, or choose another --out to train on "
+                        f"{cfg.data.cache} from scratch")
+    for key in ("seed", "shuffle_buffer"):
+        if key in pool and pool[key] != now[key]:
+            flag = "--" + key.replace("_", "-")
+            problems.append(f"it was trained with {flag} {pool[key]} and this run has {flag} {now[key]}: the data "
+                            f"order depends on it; pass {flag} {pool[key]} to resume")
+    if not problems and pool:
+        try:  # anything else the reader's exact resume depends on
+            reader.load_state_dict(pool)
+        except ValueError as e:
+            problems.append(str(e).replace("\n", " "))
+    if problems:
+        raise TrainSetupError(f"cannot resume from {path}: " + "; ".join(problems))
+
+
+def _same_path(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a hub name, or a folder that is gone
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else repr(e)
 
 
 def check_student_fits_cache(cfg: TrainConfig, tokenizer, student_config) -> None:
@@ -254,10 +452,19 @@ def _warn_config_changes(saved: dict, now: dict, where: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+    """Drop lines logged after the checkpoint we resume from: they will be logged again. A line that does not parse
+    (the half-written last line of a killed run) is dropped too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+
+    def step_of(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    kept = [line for line in path.read_text(errors="replace").splitlines()
+            if (logged := step_of(line)) is not None and logged <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -280,23 +487,33 @@ class JsonlSink:
         self.f.close()
 
 
+def _summary_writer():
+    """TensorBoard's ``SummaryWriter`` class, or a :class:`TrainSetupError` saying what to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch ships the wrapper; the writer needs the tensorboard package
+        raise TrainSetupError("--report-to tensorboard needs the tensorboard package: `pip install tensorboard`"
+                              ) from e
+    return SummaryWriter
+
+
 class TensorboardSink:
     def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # torch ships the wrapper; the writer needs the tensorboard package
-            raise TrainSetupError("--report-to tensorboard needs the tensorboard package: `pip install tensorboard`"
-                                  ) from e
-        self.writer = SummaryWriter(str(log_dir))
+        self.log_dir = log_dir
+        self.make_writer = _summary_writer()
+        self.writer = None  # made on the first record: a run that fails before it leaves no events folder
 
     def log(self, record: dict) -> None:
+        if self.writer is None:
+            self.writer = self.make_writer(str(self.log_dir))
         prefix = "eval/" if record.get("split") == "eval" else "train/"
         for key, value in record.items():
             if key not in ("step", "split", "epoch") and isinstance(value, (int, float)):
                 self.writer.add_scalar(prefix + key, value, record["step"])
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ---- train ------------------------------------------------------------------------------------------------------
@@ -454,8 +671,10 @@ def run_eval(run: Run) -> dict:
 
 def _save(run: Run) -> None:
     # Every process takes part (the state is gathered from the shards); rank 0 writes.
+    reader = run.stream.reader.state_dict()
+    cache = {"path": run.cfg.data.cache, "shards": reader["shards"], "rows": reader["total_rows"]}
     save_checkpoint(run.out, run.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                    trainer_state={"data": run.stream.state_dict(), "config": run.cfg.to_dict()},
+                    trainer_state={"data": run.stream.state_dict(), "config": run.cfg.to_dict(), "cache": cache},
                     keep_last=run.cfg.run.keep_last)
     dist.barrier()
 
@@ -466,7 +685,11 @@ def _log(run: Run, record: dict) -> None:
 
 
 def _say(run: Run, message: str) -> None:
-    if run.rank == 0:
+    _say_rank0(run.ctx, message)
+
+
+def _say_rank0(ctx: dist.DistContext, message: str) -> None:
+    if ctx.rank == 0:
         from tqdm.auto import tqdm
 
         tqdm.write(message, file=sys.stderr)
