@@ -367,7 +367,7 @@ def test_rank_against_per_row_reference():
 def test_config_reports_every_problem():
     with pytest.raises(ConfigError) as e:
         build_config(LossConfig, {"kd": "kl", "temperature": 0, "rank_k": 1, "dynamic": True, "chunk_size": 0})
-    assert "kd: 'kl' is not one of" in str(e.value)
+    assert "kd (--loss): 'kl' is not one of" in str(e.value)
     with pytest.raises(ConfigError) as e:
         build_config(LossConfig, {"kd": "none", "temperature": 0, "rank_k": 1, "dynamic": True, "chunk_size": 0})
     msg = str(e.value)

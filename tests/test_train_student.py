@@ -67,7 +67,7 @@ def test_config_reports_every_problem_together():
                            dict(student="s", cache="c", out="o", max_steps=10, epochs=2, eval_cache="e",
                                 eval_fraction=0.1, batch_size=0))
     msg = str(e.value)
-    for expected in ("rank_k: expected int", "unknown option 'bogus'", "batch_size must be >= 1"):
+    for expected in ("rank_k (--rank-k): expected int", "unknown option 'bogus'", "batch_size must be >= 1"):
         assert expected in msg
     # contradictory flags are named together in one line
     assert any("max_steps" in p and "epochs" in p for p in e.value.problems)
