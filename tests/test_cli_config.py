@@ -183,7 +183,7 @@ def test_non_finite_numbers_are_refused_for_every_float_option(cls_path):
 
     for fname in floats:
         for bad in ("nan", "inf", "-inf"):
-            with pytest.raises(ConfigError, match=rf"{fname} \(--[a-z-]+\): expected a finite number"):
+            with pytest.raises(ConfigError, match=rf"{fname} \(--[a-z0-9-]+\): expected a finite number"):
                 build_config(cls, {"teacher": "t", "dataset": "d", "out": "o", "student": "s", "cache": "c",
                                    "max_steps": 3}, {fname: bad})
 

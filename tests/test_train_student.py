@@ -457,14 +457,14 @@ def test_train_stream_stops_instead_of_looping_over_empty_epochs(cache_dir):
         return TrainStream(CacheReader(cache_dir, batch_size=4, seed=1), epochs=epochs, **kw)
 
     first_epoch = len(list(stream(1)))
-    full = [b["row_id"] for b in stream(2)]
+    full = [b.row_ids for b in stream(2)]
     s = stream(2)
     it = iter(s)
     for _ in range(first_epoch):
         next(it)
     resumed = stream(2)
     resumed.load_state_dict(json.loads(json.dumps(s.state_dict())))
-    assert [b["row_id"] for b in resumed] == full[first_epoch:]
+    assert [b.row_ids for b in resumed] == full[first_epoch:]
 
 
 def test_resume_drops_metrics_after_the_checkpoint_and_a_half_written_last_line(tmp_path):
