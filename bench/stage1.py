@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
     from rlkd.pipeline.config import CacheTeacherConfig
     from rlkd.pipeline.data import iter_examples, load_source
     from rlkd.pipeline.engines import HFEngine, VLLMEngine, lm_head_flop_fraction
-    from rlkd.pipeline.run import cache_teacher, format_summary
+    from rlkd.pipeline.run import cache_teacher
+    from rlkd.pipeline.stats import format_summary
 
     def cfg_for(out: str) -> CacheTeacherConfig:
         return build_config(CacheTeacherConfig, {

@@ -90,7 +90,8 @@ def cache_teacher_cmd(config_file, **flags):
     from rlkd.cache.writer import LOG_NAME, check_cache_dir, make_cache_dir
     from rlkd.logs import console, dependency_output_to
     from rlkd.pipeline.engines import EngineError
-    from rlkd.pipeline.run import cache_teacher, format_summary, resolve_teacher
+    from rlkd.pipeline.run import cache_teacher, resolve_teacher
+    from rlkd.pipeline.stats import format_summary
 
     cfg = _config(CacheTeacherConfig, flags, config_file)
     resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # a wrong --teacher fails before --out is created

@@ -145,7 +145,7 @@ def test_crash_with_tmp_left_loses_and_doubles_nothing(tmp_path):
     assert list(tmp_path.glob("*.parquet" + TMP_SUFFIX)), "the test needs an unfinished shard"
     finished = set(read_ids(tmp_path))
     assert 0 < len(finished) < 30
-    w._release_lock()  # the process "dies": the kernel drops the flock, nothing is closed
+    w._lock.release()  # the process "dies": the kernel drops the flock, nothing is closed
     del w
     with CacheWriter(tmp_path, test_meta(), k=8, row_group_rows=5, shard_max_bytes=6_000) as w2:
         assert not list(tmp_path.glob("*" + TMP_SUFFIX)), "leftover temporaries are removed on reopen"
@@ -182,7 +182,7 @@ def test_concurrent_writer_refused_and_lock_dies_with_process(tmp_path):
         assert child.stdout.readline().strip() == "ready"
         with pytest.raises(CacheLockedError, match=f"pid {child.pid}") as err:
             CacheWriter(out, test_meta(), k=8)
-        assert "another CacheWriter" in str(err.value)
+        assert "another rlkd process (CacheWriter, pid" in str(err.value)
         assert list(out.glob("*.parquet" + TMP_SUFFIX)), "the other writer's temporary must survive a refused open"
         child.stdin.write("go\n")
         child.stdin.flush()

@@ -27,7 +27,6 @@ from typing import Any
 
 from rlkd.errors import UserError
 
-
 MANIFEST_NAME = "manifest.json"
 
 TMP_SUFFIX = ".rlkd-tmp"

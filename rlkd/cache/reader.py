@@ -113,7 +113,7 @@ class _Shards:
         path = self.cache_dir / e["file"]
         try:
             if self.check_sha256:
-                from rlkd.cache.writer import file_sha256
+                from rlkd.fsutil import file_sha256
 
                 if file_sha256(path) != e["sha256"]:
                     raise CacheCorruptError(f"shard {e['file']} in {self.cache_dir}: sha256 differs from the "

@@ -144,7 +144,7 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
     listed = set()
     seen_ids: dict[str, str] = {}
     totals = {"rows": 0, "positions": 0, "tokens": 0, "bytes": 0}
-    from rlkd.cache.writer import file_sha256
+    from rlkd.fsutil import file_sha256
 
     def bad(rel: str, msg: str) -> None:
         damaged.setdefault(rel, []).append(msg)
@@ -244,7 +244,9 @@ def repair_cache(cache_dir, deep: bool = False) -> dict:
     Refuses (:class:`CacheCorruptError`) what it cannot repair: an unreadable manifest, and a cache merged from parts
     (repair each part, resume it, and merge again).
     """
-    from rlkd.cache.writer import DAMAGED_SUFFIX, _now, acquire_lock, release_lock
+    from rlkd.cache.lock import DirLock
+    from rlkd.cache.writer import DAMAGED_SUFFIX
+    from rlkd.fsutil import utc_now
 
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
@@ -257,8 +259,7 @@ def repair_cache(cache_dir, deep: bool = False) -> dict:
             f"{cache_dir} was merged from parts ({parts}): repair the damaged part(s) with `rlkd verify --repair "
             "PART`, resume them with their `rlkd cache-teacher --shard I/N` commands, then merge again (a --ray run "
             "re-merges by itself when re-run)")
-    fd = acquire_lock(cache_dir, "rlkd verify --repair")
-    try:
+    with DirLock(cache_dir, "rlkd verify --repair"):
         manifest = read_manifest(cache_dir)  # under the lock: what a writer may have changed meanwhile
         report = verify_report(cache_dir, deep=deep)
         damaged = report["damaged"]
@@ -286,11 +287,9 @@ def repair_cache(cache_dir, deep: bool = False) -> dict:
             manifest["shards"] = kept
             manifest["complete"] = False
             manifest.setdefault("repaired", []).append(
-                {"at": _now(), "moved": [m[1] for m in moved], "missing": missing, "rows_dropped": rows_dropped})
+                {"at": utc_now(), "moved": [m[1] for m in moved], "missing": missing, "rows_dropped": rows_dropped})
         for key in ("rows", "positions", "tokens", "bytes"):
             manifest[key] = int(sum(int(e.get(key, 0)) for e in kept))
         set_max_token_id(manifest)
         write_manifest(cache_dir, manifest)
-    finally:
-        release_lock(fd)
     return {"moved": moved, "missing": missing, "rows_dropped": rows_dropped, "report": report}

@@ -21,14 +21,10 @@ Crash safety, step by step:
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
-import fcntl
-import hashlib
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +33,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlkd.cache.codec import arrow_schema, parquet_write_options, rows_to_table, storage_summary
+from rlkd.cache.lock import LOCK_NAME, DirLock
 from rlkd.cache.manifest import (
     MANIFEST_NAME,
     TMP_SUFFIX,
     CacheCorruptError,
     CacheDirError,
-    CacheLockedError,
     CacheMismatchError,
     fsync_dir,
     identity_differences,
@@ -53,8 +49,8 @@ from rlkd.cache.manifest import (
     write_manifest,
 )
 from rlkd.cache.schema import CODECS, FORMAT_VERSION, MAX_K, TeacherRow, row_problems
+from rlkd.fsutil import file_sha256, utc_now
 
-LOCK_NAME = "writer.lock"
 LOG_NAME = "cache-teacher.log"
 """Where ``rlkd cache-teacher`` keeps the output of its dependencies (vLLM, torch, datasets) for this cache."""
 OWN_NAMES = frozenset({LOCK_NAME, MANIFEST_NAME, LOG_NAME})
@@ -65,18 +61,6 @@ _OWN_TMP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*-\d{5,}\.parquet" + re.escape(
 _PARQUET_MAGIC = b"PAR1"
 _RESERVED = ("format_version", "complete", "k", "codec", "rows", "positions", "tokens", "bytes", "shards",
              "created", "updated", "storage", "max_token_id")
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_own_temporary(path: Path) -> bool:
@@ -167,34 +151,6 @@ def make_cache_dir(out_dir: str | os.PathLike, what: str = "the cache folder") -
     return path
 
 
-def acquire_lock(out_dir: Path, holder: str) -> int:
-    """Take ``out_dir/writer.lock`` (``flock``, released by the kernel when the process dies) and write ``holder``
-    into it; raise :class:`CacheLockedError`, naming the process that holds it, when it is taken."""
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            other = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-        finally:
-            os.close(fd)
-        raise CacheLockedError(
-            f"{out_dir} is being written by another CacheWriter ({other}). Only one writer may append to "
-            "a cache at a time: wait for it to finish, stop it, or write to another directory (several workers "
-            "write sibling folders with different name_prefix, merged afterwards). The lock is released "
-            "automatically when that process exits.") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{holder}, pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode(), 0)
-    return fd
-
-
-def release_lock(fd: int) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
 def shard_summary(path: Path, rel: str) -> dict:
     """A manifest entry for a finished shard, computed from the file itself (used to adopt orphans)."""
     pf = pq.ParquetFile(path)
@@ -270,7 +226,7 @@ class CacheWriter:
         self.name_prefix = name_prefix
         self._schema = arrow_schema(codec, self.k)
         self._pq_options = parquet_write_options(codec, compression_level)
-        self._lock_fd: int | None = None
+        self._lock = DirLock(self.out_dir, "CacheWriter")
         self._pq_writer: pq.ParquetWriter | None = None
         self._sink = None
         self._buffer: list[TeacherRow] = []
@@ -281,7 +237,7 @@ class CacheWriter:
         self.verify_shards = bool(verify_shards)
         make_cache_dir(self.out_dir)
         try:
-            self._lock_fd = acquire_lock(self.out_dir, "CacheWriter")
+            self._lock.acquire()
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise
@@ -289,15 +245,10 @@ class CacheWriter:
         try:
             self._open(dict(meta))
         except BaseException:
-            self._release_lock()
+            self._lock.release()
             raise
 
     # ---- opening -------------------------------------------------------------------------------------------------
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            fd, self._lock_fd = self._lock_fd, None
-            release_lock(fd)
 
     def _open(self, meta: dict) -> None:
         # Leftovers of a crashed writer: never listed in the manifest, so dropping them loses nothing. Only rlkd's
@@ -320,10 +271,10 @@ class CacheWriter:
                     f"incompatible rows. {len(diffs)} difference(s):\n" + "\n".join(f"  - {d}" for d in diffs)
                     + "\nUse a new output directory, or rerun with the cache's original settings.")
             manifest.update({key: v for key, v in meta.items() if key in ("config", "engine")})
-            manifest.setdefault("resumed", []).append(_now())
+            manifest.setdefault("resumed", []).append(utc_now())
         else:
             manifest = {**new_identity, "complete": False, "rows": 0, "positions": 0, "tokens": 0, "bytes": 0,
-                        "shards": [], "created": _now()}
+                        "shards": [], "created": utc_now()}
         manifest["complete"] = False
         # How this session stores shards (zstd levels, encodings). Informational: any Parquet reader reads any of
         # these, so a resumed cache may mix levels; this records the latest writer's.
@@ -397,7 +348,7 @@ class CacheWriter:
         for key in ("rows", "positions", "tokens", "bytes"):
             self.manifest[key] = int(sum(s.get(key, 0) for s in shards))
         set_max_token_id(self.manifest)
-        self.manifest["updated"] = _now()
+        self.manifest["updated"] = utc_now()
 
     # ---- writing -------------------------------------------------------------------------------------------------
 
@@ -512,7 +463,7 @@ class CacheWriter:
             write_manifest(self.out_dir, self.manifest)
         finally:
             self._closed = True
-            self._release_lock()
+            self._lock.release()
 
     def _abort(self) -> None:
         """After an error: keep finished shards, try to save buffered rows, never raise from here. If the open shard
@@ -535,7 +486,7 @@ class CacheWriter:
             except OSError:
                 pass
             self._closed = True
-            self._release_lock()
+            self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -547,5 +498,5 @@ class CacheWriter:
             self._abort()
 
     def __del__(self):
-        if getattr(self, "_lock_fd", None) is not None:
-            self._release_lock()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()

@@ -12,7 +12,7 @@
    so the driver never holds more than one block per actor and big runs spill to disk rather than fail.
 4. Each actor holds one rlkd engine (vLLM or HF; ``num_gpus=T`` when the cluster has GPUs, one CPU otherwise),
    iterates its dataset in ``batch_size`` batches and scores/writes them with the single-process code
-   (``run.score_and_write`` -> ``engine.score`` -> ``rows.build_row`` -> ``CacheWriter.write``), so both paths
+   (``run.score`` -> ``engine.score``, then ``rows.write_rows`` -> ``CacheWriter.write``), so both paths
    write identical rows.
 5. The driver joins the parts with :func:`rlkd.pipeline.merge.merge_caches` into ``OUT/manifest.json`` (shard paths
    ``part-{i}/...``), which ``CacheReader``, ``rlkd inspect`` and ``rlkd verify`` read like any cache.
@@ -38,20 +38,22 @@ part holds it, so nothing is lost or written twice, even with another ``--replic
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rlkd.cache import CacheWriter, make_row_id, read_manifest
+from rlkd.cache.lock import DirLock
 from rlkd.cache.manifest import CacheMismatchError, identity_differences, manifest_path
 from rlkd.cache.schema import FORMAT_VERSION
 from rlkd.config import config_to_dict
 from rlkd.errors import UserError
 from rlkd.pipeline.config import CacheTeacherConfig
+from rlkd.pipeline.stats import RunStats, progress_bar, summarize
 
 PART_PREFIX = "part-"
 """Actor ``i`` writes ``OUT/part-{i}/``."""
@@ -88,27 +90,27 @@ class Stage1Worker:
     Plain class, wrapped with ``ray.remote`` at run time (so importing this module never needs Ray).
     """
 
-    def __init__(self, cfg: CacheTeacherConfig, meta: dict, index: int, replicas: int, part_dir: str,
-                 shard_max_bytes: int, exit_after_shards: int | None = None):
+    def __init__(self, cfg: CacheTeacherConfig, meta: dict, index: int, part_dir: str, shard_max_bytes: int,
+                 exit_after_shards: int | None = None):
         from rlkd.pipeline.run import engine_for
 
-        self.cfg, self.meta, self.index, self.replicas = cfg, meta, index, replicas
+        self.cfg, self.meta, self.index = cfg, meta, index
         self.part_dir, self.shard_max_bytes = part_dir, shard_max_bytes
         self.exit_after_shards = exit_after_shards
-        self.stats = {"already_cached": 0, "rows": 0, "tokens": 0, "scored_tokens": 0, "positions": 0, "engine_s": 0.0,
-                      "loop_s": 0.0, "bytes": 0, "shards": 0}
+        self.stats = RunStats()
         # The engine loads in the constructor, so the N replicas load theirs in parallel.
         self.engine = engine_for(cfg, meta["teacher"]["dtype"])
 
     def progress(self) -> dict:
-        return dict(self.stats)
+        return self.stats.snapshot()
 
     def run(self, dataset: Any) -> dict:
         """Score every example of ``dataset`` (a Ray Dataset, or None when nothing is routed here); return stats."""
         from ray.data import DataContext
 
         from rlkd.pipeline.data import Example
-        from rlkd.pipeline.run import score_and_write
+        from rlkd.pipeline.rows import write_rows
+        from rlkd.pipeline.run import score
 
         # The driver shows one bar for the whole run. A dataset runs under the context it was created with.
         DataContext.get_current().enable_progress_bars = False
@@ -126,18 +128,17 @@ class Stage1Worker:
                 for ex in _examples(table, Example):
                     # The driver already dropped finished rows; this also covers rows of a part this actor reopened.
                     if w.has(make_row_id(ex.input_ids, ex.source_index)):
-                        stats["already_cached"] += 1
+                        stats.add(already_cached=1)
                     else:
                         todo.append(ex)
                 if todo:
-                    score_and_write(todo, self.engine, w, cfg, stats)
-                stats["shards"] = w.stats["shards"]
-                if self.exit_after_shards is not None and stats["shards"] >= self.exit_after_shards:
-                    os._exit(1)  # test hook: die like a SIGKILL (no cleanup, open shard left as .tmp)
-            stats["loop_s"] = time.perf_counter() - t_run
-        stats["bytes"] = w.stats["bytes"]
-        stats["shards"] = w.stats["shards"]
-        return dict(stats)
+                    write_rows(todo, score(todo, self.engine, stats), w, cfg, stats)
+                stats.set(shards=w.stats["shards"])
+                if self.exit_after_shards is not None and stats.shards >= self.exit_after_shards:
+                    os._exit(1)  # test hook: die like a SIGKILL (no cleanup, open shard left as a temporary)
+            stats.set(loop_s=time.perf_counter() - t_run)
+        stats.set(bytes=w.stats["bytes"], shards=w.stats["shards"])
+        return stats.snapshot()
 
 
 def _examples(table, Example) -> list:
@@ -209,27 +210,11 @@ def finished_row_ids(out: str | os.PathLike) -> set[str]:
     return ids
 
 
-def _lock(out: Path) -> int:
-    """One driver per ``out``: the same lock file a CacheWriter takes, so a single-process writer is refused too."""
-    from rlkd.cache.writer import LOCK_NAME
-
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RayStage1Error(f"{out} is being written by another cache-teacher run; wait for it or use another "
-                             "--out") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"cache-teacher --ray driver, pid {os.getpid()}\n".encode(), 0)
-    return fd
-
-
 def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: str | None = None,
                       progress: bool = True, shard_max_bytes: int | None = None,
                       _exit_after_shards: tuple[int, int] | None = None) -> dict:
     """Run stage 1 on Ray with ``replicas`` engine actors; return the summary (keys of ``cache_teacher``'s, plus
-    ``replicas`` and ``per_replica``), printable with :func:`rlkd.pipeline.run.format_summary`.
+    ``replicas`` and ``per_replica``), printable with :func:`rlkd.pipeline.stats.format_summary`.
 
     ``ray_address``: ``"auto"`` joins the running cluster (``ray start`` / a Ray job); ``None`` starts a local one,
     or uses the one this process already initialised. ``shard_max_bytes`` overrides ``cfg.shard_max_mb`` (tests use
@@ -239,106 +224,32 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     ray = _import_ray()
     from rlkd.cache.writer import make_cache_dir
-    from rlkd.pipeline.data import InputCounters, check_some_examples, iter_examples
-    from rlkd.pipeline.merge import merge_caches
+    from rlkd.pipeline.data import InputCounters, check_some_examples
     from rlkd.pipeline.run import prepare_run
 
     t_start = time.perf_counter()
     make_cache_dir(cfg.out, "--out")  # refuses a file, or a folder holding files rlkd did not write
     tokenizer, ds, meta = prepare_run(cfg)
     out = Path(cfg.out)
-    lock_fd = _lock(out)
+    counters = InputCounters()
     started_ray = False
-    try:
-        _check_out(out, meta, cfg)
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            ray.init(address=ray_address, include_dashboard=False)
-        _, shard_parts = cfg.shard_index
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        if cfg.engine == "vllm" and cfg.tensor_parallel_size > 1 and not use_gpu:
-            raise RayStage1Error("--tensor-parallel-size > 1 needs GPUs, and this Ray cluster has none")
-        options: dict[str, Any] = ({"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1} if use_gpu
-                                   else {"num_cpus": 1})
-        # max_concurrency=2: the driver's progress() calls run beside the long run() call.
-        Worker = ray.remote(Stage1Worker).options(max_concurrency=2, max_restarts=0, **options)
-        shard_bytes = shard_max_bytes if shard_max_bytes is not None else cfg.shard_max_mb << 20
-
-        done = finished_row_ids(out)
-        counters = InputCounters()
-        dispatched = 0
-        buckets: list[list] = [[] for _ in range(replicas)]
-        bucket_tokens = [0] * replicas
-        refs: list[list] = [[] for _ in range(replicas)]
-        already = 0
-        for ex in iter_examples(cfg, ds, tokenizer, counters):
-            if make_row_id(ex.input_ids, ex.source_index) in done:
-                already += 1
-                continue
-            i = (ex.source_index // shard_parts) % replicas
-            dispatched += 1
-            buckets[i].append(ex)
-            bucket_tokens[i] += int(ex.input_ids.shape[0])
-            if len(buckets[i]) >= BLOCK_ROWS or bucket_tokens[i] >= BLOCK_TOKENS:
-                refs[i].append(ray.put(_block(buckets[i])))
-                buckets[i], bucket_tokens[i] = [], 0
-        for i in range(replicas):
-            if buckets[i]:
-                refs[i].append(ray.put(_block(buckets[i])))
-        buckets = []
-        check_some_examples(cfg, counters)
-
-        per_replica: dict[int, dict] = {}
-        failures: list[str] = []
-        # Only replicas with rows routed to them start an engine (on resume, often a few), as a single-process
-        # run starts none when everything is cached.
-        # The datasets are built before the actors take their CPUs: from_arrow_refs runs a (1-CPU) metadata task per
-        # block, which would wait forever on a CPU-only cluster whose CPUs all hold engines.
-        datasets = {i: ray.data.from_arrow_refs(r) for i, r in enumerate(refs) if r}
-        actors = {i: Worker.remote(cfg, meta, i, replicas, str(out / f"{PART_PREFIX}{i}"), shard_bytes,
-                                   _exit_after_shards[1] if _exit_after_shards and _exit_after_shards[0] == i
-                                   else None)
-                  for i in datasets}
-        pending = {actors[i].run.remote(ds_i): i for i, ds_i in datasets.items()}
-        # Rows the driver did not dispatch (skipped by the input side, already cached) count as done.
-        bar = _progress(counters.rows, counters.rows - dispatched, progress and bool(pending))
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
-            for f in ready:
-                i = pending.pop(f)
-                try:
-                    per_replica[i] = ray.get(f)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    failures.append(f"replica {i} ({PART_PREFIX}{i}) failed: {type(e).__name__}: {first}")
-                # Free its GPUs (or CPU) now: with more replicas than the cluster holds at once, the ones still
-                # waiting for resources start as others finish.
-                ray.kill(actors[i])
-            if bar is not None:
-                rows = sum(p["rows"] + p["already_cached"] for p in per_replica.values())
-                for i in pending.values():
-                    try:
-                        p = ray.get(actors[i].progress.remote(), timeout=5)
-                        rows += p["rows"] + p["already_cached"]
-                    except Exception:  # noqa: BLE001 - a dying actor: its run() result says why
-                        pass
-                bar.n = counters.rows - dispatched + rows
-                bar.refresh()
-        if bar is not None:
-            bar.close()
-        # Parts no actor wrote this run (nothing routed to them, or left by a run with more replicas): drop their
-        # temporaries and adopt orphan shards, as their writer would on reopen.
-        for part in _part_dirs(out):
-            i = int(part.name[len(PART_PREFIX):])
-            if i not in actors and manifest_path(part).exists():
-                CacheWriter(part, meta, k=cfg.top_k, codec=cfg.codec, row_group_rows=cfg.row_group_rows,
-                            name_prefix=f"part{i}").close(complete=not failures)
-        merged = _write_merged(out, cfg, replicas, merge_caches, allow_incomplete=bool(failures))
-    finally:
-        fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        os.close(lock_fd)
-        if started_ray:
-            ray.shutdown()
+    with DirLock(out, "cache-teacher --ray driver"):  # the lock every writer of OUT takes
+        try:
+            _check_out(out, meta, cfg)
+            started_ray = not ray.is_initialized()
+            if started_ray:
+                ray.init(address=ray_address, include_dashboard=False)
+            routed = route(ray, cfg, ds, tokenizer, counters, finished_row_ids(out), replicas)
+            check_some_examples(cfg, counters)  # every row was read: none usable is an error
+            actors, pending = dispatch(ray, cfg, meta, routed, out, shard_max_bytes, _exit_after_shards)
+            bar = progress_bar(counters.rows, counters.rows - routed.dispatched, progress and bool(pending),
+                               desc="cache-teacher --ray")
+            per_replica, failures = collect(ray, actors, pending, bar, counters.rows - routed.dispatched)
+            _close_idle_parts(out, meta, cfg, actors, complete=not failures)
+            merged = _write_merged(out, cfg, replicas, allow_incomplete=bool(failures))
+        finally:
+            if started_ray:
+                ray.shutdown()
     if failures:
         raise RayStage1Error(
             f"cache-teacher --ray: {len(failures)} of {replicas} replica(s) stopped:\n"
@@ -346,33 +257,120 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
             + f"\nEvery finished shard is kept and listed in {manifest_path(out)} (marked incomplete). Re-run the "
             "same command to resume: finished rows are skipped, the rest is scored again."
         )
-    wall = time.perf_counter() - t_start
-    tot = {key: sum(p.get(key, 0) for p in per_replica.values()) for key in ("rows", "tokens", "positions", "bytes",
-                                                                   "engine_s", "already_cached")}
-    return {
-        "out": str(out),
-        "rows_written": tot["rows"],
-        "rows_already_cached": already + tot["already_cached"],
-        "rows_in_cache": merged["rows"],
-        "tokens": tot["tokens"],
-        "positions": tot["positions"],
-        "bytes": tot["bytes"],
-        "bytes_per_token": tot["bytes"] / tot["tokens"] if tot["tokens"] else 0.0,
-        "seconds": wall,
-        "engine_seconds": tot["engine_s"],
-        "loop_seconds": max((p.get("loop_s", 0.0) for p in per_replica.values()), default=0.0),
-        "tokens_per_s": tot["tokens"] / wall if wall > 0 else 0.0,
-        "input": counters.as_dict(),
-        "input_summary": counters.summary(),
-        "shard": cfg.shard,
-        "replicas": replicas,
-        "per_replica": [{"replica": i, **per_replica[i]} for i in sorted(per_replica)],
-    }
+    tot = RunStats.total(per_replica.values())
+    tot["loop_s"] = max((p["loop_s"] for p in per_replica.values()), default=0.0)  # replicas run side by side
+    return summarize(out=str(out), stats=tot, rows_already_cached=routed.already_cached + tot["already_cached"],
+                     rows_in_cache=merged["rows"], seconds=time.perf_counter() - t_start, counters=counters,
+                     shard=cfg.shard, replicas=replicas,
+                     per_replica=[{"replica": i, **per_replica[i]} for i in sorted(per_replica)])
 
 
-def _write_merged(out: Path, cfg: CacheTeacherConfig, replicas: int, merge_caches, allow_incomplete: bool) -> dict:
+@dataclass
+class Routed:
+    """The driver's plan: per replica, the Arrow blocks of its examples in the object store."""
+
+    blocks: list[list]
+    """``blocks[i]``: object refs of replica ``i``'s blocks."""
+    dispatched: int
+    """Examples routed to a replica."""
+    already_cached: int
+    """Examples skipped because a finished shard of some part holds them."""
+
+
+def route(ray, cfg: CacheTeacherConfig, ds, tokenizer, counters, done: set[str], replicas: int) -> Routed:
+    """Format every example (as a single-process run does), drop finished ones, and route the rest to replica
+    ``(source_index // shard_parts) % replicas``, a block at a time into the object store."""
+    from rlkd.pipeline.data import iter_examples
+
+    _, shard_parts = cfg.shard_index
+    buckets: list[list] = [[] for _ in range(replicas)]
+    bucket_tokens = [0] * replicas
+    blocks: list[list] = [[] for _ in range(replicas)]
+    dispatched = already = 0
+    for ex in iter_examples(cfg, ds, tokenizer, counters):
+        if make_row_id(ex.input_ids, ex.source_index) in done:
+            already += 1
+            continue
+        i = (ex.source_index // shard_parts) % replicas
+        dispatched += 1
+        buckets[i].append(ex)
+        bucket_tokens[i] += int(ex.input_ids.shape[0])
+        if len(buckets[i]) >= BLOCK_ROWS or bucket_tokens[i] >= BLOCK_TOKENS:
+            blocks[i].append(ray.put(_block(buckets[i])))
+            buckets[i], bucket_tokens[i] = [], 0
+    for i in range(replicas):
+        if buckets[i]:
+            blocks[i].append(ray.put(_block(buckets[i])))
+    return Routed(blocks, dispatched, already)
+
+
+def dispatch(ray, cfg: CacheTeacherConfig, meta: dict, routed: Routed, out: Path, shard_max_bytes: int | None,
+             exit_after: tuple[int, int] | None) -> tuple[dict, dict]:
+    """Start one actor per replica that has rows, and its ``run``; return (actors, pending ``run`` refs -> index).
+
+    Only replicas with rows start an engine (on resume, often a few), as a single-process run starts none when
+    everything is cached. The datasets are built before the actors take their CPUs: ``from_arrow_refs`` runs a
+    (1-CPU) metadata task per block, which would wait forever on a CPU-only cluster whose CPUs all hold engines.
+    """
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.engine == "vllm" and cfg.tensor_parallel_size > 1 and not use_gpu:
+        raise RayStage1Error("--tensor-parallel-size > 1 needs GPUs, and this Ray cluster has none")
+    options: dict[str, Any] = {"num_gpus": cfg.tensor_parallel_size, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+    # max_concurrency=2: the driver's progress() calls run beside the long run() call.
+    worker = ray.remote(Stage1Worker).options(max_concurrency=2, max_restarts=0, **options)
+    shard_bytes = shard_max_bytes if shard_max_bytes is not None else cfg.shard_max_mb << 20
+    datasets = {i: ray.data.from_arrow_refs(b) for i, b in enumerate(routed.blocks) if b}
+    actors = {i: worker.remote(cfg, meta, i, str(out / f"{PART_PREFIX}{i}"), shard_bytes,
+                               exit_after[1] if exit_after and exit_after[0] == i else None)
+              for i in datasets}
+    return actors, {actors[i].run.remote(ds_i): i for i, ds_i in datasets.items()}
+
+
+def collect(ray, actors: dict, pending: dict, bar, rows_done_by_driver: int) -> tuple[dict[int, dict], list[str]]:
+    """Wait for every replica, updating the bar; return (each finished replica's stats, failure messages)."""
+    per_replica: dict[int, dict] = {}
+    failures: list[str] = []
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+        for f in ready:
+            i = pending.pop(f)
+            try:
+                per_replica[i] = ray.get(f)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                failures.append(f"replica {i} ({PART_PREFIX}{i}) failed: {type(e).__name__}: {first}")
+            # Free its GPUs (or CPU) now: with more replicas than the cluster holds at once, the ones still waiting
+            # for resources start as others finish.
+            ray.kill(actors[i])
+        if bar is not None:
+            rows = sum(p["rows"] + p["already_cached"] for p in per_replica.values())
+            for i in pending.values():
+                try:
+                    p = ray.get(actors[i].progress.remote(), timeout=5)
+                    rows += p["rows"] + p["already_cached"]
+                except Exception:  # noqa: BLE001 - a dying actor: its run() result says why
+                    pass
+            bar.n = rows_done_by_driver + rows
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    return per_replica, failures
+
+
+def _close_idle_parts(out: Path, meta: dict, cfg: CacheTeacherConfig, actors: dict, complete: bool) -> None:
+    """Parts no actor wrote this run (nothing routed to them, or left by a run with more replicas): drop their
+    temporaries and adopt orphan shards, as their writer would on reopen."""
+    for part in _part_dirs(out):
+        i = int(part.name[len(PART_PREFIX):])
+        if i not in actors and manifest_path(part).exists():
+            CacheWriter(part, meta, k=cfg.top_k, codec=cfg.codec, row_group_rows=cfg.row_group_rows,
+                        name_prefix=f"part{i}").close(complete=complete)
+
+
+def _write_merged(out: Path, cfg: CacheTeacherConfig, replicas: int, allow_incomplete: bool) -> dict:
     """Replace ``OUT/manifest.json`` by one listing every part's shards (parts stay where they are)."""
     from rlkd.cache.manifest import write_manifest
+    from rlkd.pipeline.merge import merge_caches
 
     parts = [p for p in _part_dirs(out) if manifest_path(p).exists()]
     if manifest_path(out).exists():  # ours (checked by _check_out): rebuilt from the parts every run
@@ -383,11 +381,3 @@ def _write_merged(out: Path, cfg: CacheTeacherConfig, replicas: int, merge_cache
     merged["config"]["ray"] = {"replicas": replicas, "config": config_to_dict(cfg)}
     write_manifest(out, merged)
     return merged
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="seq", desc="cache-teacher --ray", dynamic_ncols=True)

@@ -62,12 +62,10 @@ def build_row(example, scored: Scored, k: int, min_prob: float | None = None, mi
     )
 
 
-def write_rows(batch: list, scored: list, w, cfg, stats: dict) -> None:
+def write_rows(batch: list, scored: list, w, cfg, stats) -> None:
     """Build each example's row and write it to ``w`` (a CacheWriter), counting rows, tokens and positions written
-    into ``stats``; the one row-writing path of every stage-1 runner, inline or on a writer thread."""
+    into ``stats`` (a :class:`~rlkd.pipeline.stats.RunStats`); the one row-writing path of every stage-1 runner."""
     for ex, sc in zip(batch, scored):
         row = build_row(ex, sc, cfg.top_k, cfg.min_prob, cfg.min_k)
         if w.write(row):
-            stats["rows"] += 1
-            stats["tokens"] += int(row.input_ids.shape[0])
-            stats["positions"] += row.num_positions
+            stats.add(rows=1, tokens=int(row.input_ids.shape[0]), positions=row.num_positions)

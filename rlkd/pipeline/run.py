@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rlkd.background import BackgroundSink
 from rlkd.cache import CacheWriter, make_row_id, tokenizer_identity
 from rlkd.cache.writer import check_cache_dir, is_own_temporary
 from rlkd.config import ConfigError, config_to_dict
 from rlkd.errors import UserError
-from rlkd.logs import console
 from rlkd.pipeline.config import DEFAULT_MAX_LENGTH, CacheTeacherConfig
-from rlkd.pipeline.overlap import RowWriterThread
+from rlkd.pipeline.stats import RunStats, progress_bar, summarize
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     and only once there is something left to score.
     """
     from rlkd.pipeline.data import InputCounters, check_some_examples, iter_examples
+    from rlkd.pipeline.rows import write_rows
 
     t_start = time.perf_counter()
     if engine is not None and getattr(engine, "k", cfg.top_k) < cfg.top_k:
@@ -257,24 +258,21 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     if engine is not None:
         meta["engine"] = getattr(engine, "name", type(engine).__name__)
     shard_i, shard_n = cfg.shard_index
-    dtype = meta["teacher"]["dtype"]
     counters = InputCounters()
-    planned = _planned_rows(cfg, ds)
-    stats = {"already_cached": 0, "rows": 0, "tokens": 0, "scored_tokens": 0, "positions": 0, "engine_s": 0.0,
-             "loop_s": 0.0}
+    stats = RunStats()
     out = Path(cfg.out)
-    name_prefix = "shard" if shard_n == 1 else f"part{shard_i}of{shard_n}"
     writer = None
     try:
         with CacheWriter(out, meta, k=cfg.top_k, codec=cfg.codec, shard_max_bytes=cfg.shard_max_mb << 20,
-                         row_group_rows=cfg.row_group_rows, name_prefix=name_prefix,
+                         row_group_rows=cfg.row_group_rows,
+                         name_prefix="shard" if shard_n == 1 else f"part{shard_i}of{shard_n}",
                          verify_shards=cfg.verify_resume) as w:
             writer = w
 
             def pending() -> Iterator:
                 for ex in iter_examples(cfg, ds, tokenizer, counters):
                     if w.has(make_row_id(ex.input_ids, ex.source_index)):
-                        stats["already_cached"] += 1
+                        stats.add(already_cached=1)
                         continue
                     yield ex
 
@@ -284,57 +282,52 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
                 check_some_examples(cfg, counters)  # every row was read: none usable is an error, not an empty cache
             else:
                 if engine is None:
-                    engine = engine_for(cfg, dtype)
-                bar = _progress(planned, stats["already_cached"], enabled=progress)
-                batch = [first]
+                    engine = engine_for(cfg, meta["teacher"]["dtype"])
+                bar = progress_bar(_planned_rows(cfg, ds), stats.already_cached, enabled=progress)
                 t_run = time.perf_counter()
-                with RowWriterThread(w, cfg, stats) as sink:  # rows are written while the next batch is scored
-                    for ex in todo:
-                        if len(batch) == cfg.batch_size:
-                            score_and_write(batch, engine, w, cfg, stats, sink)
-                            _tick(bar, counters, stats, t_run, on_batch)
-                            batch = []
-                        batch.append(ex)
-                    if batch:
-                        score_and_write(batch, engine, w, cfg, stats, sink)
+                # Rows are built and written on a background thread while the engine scores the next batch.
+                with BackgroundSink(lambda item: write_rows(*item, w, cfg, stats), name="rlkd-row-writer") as sink:
+                    for batch in _batches(first, todo, cfg.batch_size):
+                        sink.submit((batch, score(batch, engine, stats)))
+                        _tick(bar, counters, stats, t_run, on_batch)
+                stats.set(loop_s=time.perf_counter() - t_run)
                 _tick(bar, counters, stats, t_run, on_batch)
-                stats["loop_s"] = time.perf_counter() - t_run
                 if bar is not None:
                     bar.n = counters.rows  # rows skipped by the input side count as done too
                     bar.close()
-        bytes_written = writer.stats["bytes"]  # after close: includes the last shard
+        stats.set(bytes=writer.stats["bytes"], shards=writer.stats["shards"])  # after close: with the last shard
     except OSError as e:
         if e.errno == errno.ENOSPC or "No space left" in str(e):
-            done = _finished(out)
-            left = [p.name for p in out.iterdir() if is_own_temporary(p) and p.name.endswith(".parquet.rlkd-tmp")]
-            dropped = ("the open shard was dropped" if not left else
-                       f"the open shard could not be removed ({', '.join(left)}; the next run removes it)")
-            raise DiskFullError(
-                errno.ENOSPC,
-                f"disk full while writing the cache in {out}: the {done['shards']} finished shard(s) "
-                f"({done['rows']} rows) are valid and kept; {dropped}. Free some space (or use "
-                "--shard-max-mb to write smaller shards) and re-run the same command to resume where it stopped.",
-            ) from e
+            raise _disk_full(out) from e
         raise
-    wall = time.perf_counter() - t_start
-    summary = {
-        "out": str(out),
-        "rows_written": stats["rows"],
-        "rows_already_cached": stats["already_cached"],
-        "rows_in_cache": writer.manifest["rows"] if writer is not None else 0,
-        "tokens": stats["tokens"],
-        "positions": stats["positions"],
-        "bytes": bytes_written,
-        "bytes_per_token": bytes_written / stats["tokens"] if stats["tokens"] else 0.0,
-        "seconds": wall,
-        "engine_seconds": stats["engine_s"],
-        "loop_seconds": stats["loop_s"],
-        "tokens_per_s": stats["tokens"] / wall if wall > 0 else 0.0,
-        "input": counters.as_dict(),
-        "input_summary": counters.summary(),
-        "shard": cfg.shard,
-    }
-    return summary
+    snap = stats.snapshot()
+    return summarize(out=str(out), stats=snap, rows_already_cached=snap["already_cached"],
+                     rows_in_cache=writer.manifest["rows"] if writer is not None else 0,
+                     seconds=time.perf_counter() - t_start, counters=counters, shard=cfg.shard)
+
+
+def _batches(first, rest: Iterator, size: int) -> Iterator[list]:
+    """``first`` and the items of ``rest`` in lists of ``size`` (the last may be shorter)."""
+    batch = [first]
+    for item in rest:
+        if len(batch) == size:
+            yield batch
+            batch = []
+        batch.append(item)
+    yield batch
+
+
+def _disk_full(out: Path) -> DiskFullError:
+    done = _finished(out)
+    left = [p.name for p in out.iterdir() if is_own_temporary(p) and p.name.endswith(".parquet.rlkd-tmp")]
+    dropped = ("the open shard was dropped" if not left else
+               f"the open shard could not be removed ({', '.join(left)}; the next run removes it)")
+    return DiskFullError(
+        errno.ENOSPC,
+        f"disk full while writing the cache in {out}: the {done['shards']} finished shard(s) ({done['rows']} rows) "
+        f"are valid and kept; {dropped}. Free some space (or use --shard-max-mb to write smaller shards) and re-run "
+        "the same command to resume where it stopped.",
+    )
 
 
 def _finished(out: Path) -> dict:
@@ -347,60 +340,23 @@ def _finished(out: Path) -> dict:
         return {"shards": 0, "rows": 0}
 
 
-def score_and_write(batch: list, engine, w: CacheWriter, cfg: CacheTeacherConfig, stats: dict,
-                    sink=None) -> None:
-    """Score a batch of examples and write their rows; the one row-building path of every stage-1 runner.
-
-    With ``sink`` (a :class:`~rlkd.pipeline.overlap.RowWriterThread`), rows are built and written on its thread
-    while the caller goes on to score the next batch.
-    """
-    from rlkd.pipeline.rows import write_rows
-
+def score(batch: list, engine, stats: RunStats) -> list:
+    """The engine's output for a batch of examples, timed into ``stats``; the scoring step of every stage-1 runner
+    (its rows are then built and written by :func:`rlkd.pipeline.rows.write_rows`)."""
     t0 = time.perf_counter()
     scored = engine.score([ex.input_ids for ex in batch])
-    stats["engine_s"] += time.perf_counter() - t0
     # The progress bar's rate counts tokens as they are scored: rows still queued for the writer thread lag behind.
-    stats["scored_tokens"] += sum(len(ex.input_ids) for ex in batch)
-    if sink is not None:
-        sink.submit(batch, scored)
-    else:
-        write_rows(batch, scored, w, cfg, stats)
+    stats.add(engine_s=time.perf_counter() - t0, scored_tokens=sum(len(ex.input_ids) for ex in batch))
+    return scored
 
 
-def _progress(total: int, already: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    # Rows already cached (resume) count as done, so the ETA covers only what is left.
-    return tqdm(total=total, initial=already, unit="seq", desc="cache-teacher", dynamic_ncols=True, smoothing=0.1,
-                file=console())
-
-
-def _tick(bar, counters, stats: dict, t_run: float, on_batch) -> None:
+def _tick(bar, counters, stats: RunStats, t_run: float, on_batch) -> None:
+    snap = stats.snapshot()
     elapsed = time.perf_counter() - t_run
-    tps = stats["scored_tokens"] / elapsed if elapsed > 0 else 0.0
+    tps = snap["scored_tokens"] / elapsed if elapsed > 0 else 0.0
     if bar is not None:
         # Source rows consumed so far (written, already cached, or skipped by the input side).
         bar.update(max(0, counters.rows - bar.n))
         bar.set_postfix_str(f"{tps:,.0f} tok/s", refresh=False)
     if on_batch is not None:
-        on_batch({"rows": stats["rows"], "tokens": stats["tokens"], "tokens_per_s": tps})
-
-
-def format_summary(s: dict) -> str:
-    """The end-of-run summary as text: rows, tokens, bytes/token, time, and skipped/truncated rows with reasons."""
-    lines = [
-        f"cache-teacher done: {s['out']}" + (f" (shard {s['shard']})" if s.get("shard") else ""),
-        f"  rows written     {s['rows_written']:,}  (already cached, skipped: {s['rows_already_cached']:,}; "
-        f"cache now holds {s['rows_in_cache']:,})",
-        f"  tokens           {s['tokens']:,}  ({s['positions']:,} scored positions)",
-        f"  bytes/token      {s['bytes_per_token']:.1f}  ({s['bytes']:,} bytes written)",
-        f"  time             {s['seconds']:.1f} s  ({s['tokens_per_s']:,.0f} tok/s overall, engine "
-        f"{s['engine_seconds']:.1f} s)",
-    ]
-    inp = s.get("input_summary")
-    if inp:
-        lines += ["  input            " + line if i == 0 else "                   " + line
-                  for i, line in enumerate(str(inp).splitlines())]
-    return "\n".join(lines)
+        on_batch({"rows": snap["rows"], "tokens": snap["tokens"], "tokens_per_s": tps})
