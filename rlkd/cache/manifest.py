@@ -49,17 +49,25 @@ def manifest_path(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / MANIFEST_NAME
 
 
-def read_manifest(cache_dir: str | Path) -> dict:
-    """Load ``manifest.json`` from ``cache_dir``, with errors that say what is wrong and what to do."""
-    path = manifest_path(cache_dir)
-    if not Path(cache_dir).is_dir():
-        raise FileNotFoundError(f"cache directory {cache_dir} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {cache_dir} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
-            "opened it yet")
+def read_manifest(cache_dir) -> dict:
+    """Load ``manifest.json`` from ``cache_dir`` (a path, a URL or a :class:`~rlkd.cache.storage.CacheLocation`),
+    with errors that say what is wrong and what to do."""
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
+    path = loc.name(MANIFEST_NAME)
+    if loc.is_local and not loc.local_path().is_dir():
+        raise FileNotFoundError(f"cache directory {loc} does not exist")
     try:
-        manifest = json.loads(path.read_text())
+        data = loc.read_bytes(MANIFEST_NAME)
+    except (FileNotFoundError, IsADirectoryError):
+        if not loc.is_local and not loc.is_dir():
+            raise FileNotFoundError(f"{loc}: no cache there (no object under that prefix)") from None
+        raise FileNotFoundError(
+            f"{path} not found: {loc} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
+            "opened it yet") from None
+    try:
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheCorruptError(f"{path} is not valid JSON ({e}); it is written atomically, so the file was "
                                 "modified by something else") from e
