@@ -169,11 +169,12 @@ def _stage2_bool(name: str, help: str):
 
 @main.command("train-student")
 @click.option("--student", help="Student: HF folder or hub name (AutoModelForCausalLM); shares the cache's tokenizer.")
-@click.option("--cache", help="Stage 1 cache folder (with manifest.json).")
+@click.option("--cache", help="Stage 1 cache (with manifest.json): a folder or a URL (s3://bucket/prefix, gs://, "
+                              "hf://datasets/...; credentials from the environment).")
 @click.option("--out", help="Output folder: checkpoints, final/, metrics.jsonl, train_config.yaml.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML file with any of the options below (flat or grouped by run/data/optim/loss); flags win.")
-@click.option("--eval-cache", help="Separate cache to evaluate on (instead of --eval-fraction).")
+@click.option("--eval-cache", help="Separate cache (folder or URL) to evaluate on (instead of --eval-fraction).")
 @click.option("--eval-fraction", type=float, help="Hold out this fraction of the cache (by row_id hash) for eval.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (and at the end).")
 @click.option("--eval-max-rows", type=int, help="At most this many eval rows.")
@@ -190,6 +191,11 @@ def _stage2_bool(name: str, help: str):
 @click.option("--max-steps", type=int, help="Optimizer steps to train (or --epochs).")
 @click.option("--epochs", type=float, help="Whole passes over the cache (or --max-steps).")
 @click.option("--batch-size", type=int, help="Rows per micro-batch (default 8).")
+@click.option("--prefetch", type=int, help="Row groups the reader fetches and decodes ahead, in parallel (default 4).")
+@click.option("--local-cache", metavar="DIR",
+              help="Keep whole-shard copies of a remote --cache in DIR, so later epochs read from local disk.")
+@click.option("--local-cache-gb", type=float, metavar="N",
+              help="Size budget of --local-cache in GB; least recently used shards go first (default 100).")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step and process (default 1).")
 @click.option("--global-batch", type=int,
               help="Rows per optimizer step over all processes; derives --grad-accum, so any N trains alike.")
@@ -235,9 +241,12 @@ def train_student_cmd(config_file, nproc, **flags):
         relaunch_under_torchrun(nproc, strip_nproc(sys.argv[1:]))  # does not return
     from rlkd.trainer.loop import TrainSetupError, train_student
 
+    from rlkd.cache.storage import StorageError, StorageURLError
+
     try:
         summary = train_student(cfg)
-    except (TrainSetupError, TokenizerMismatchError, CacheCorruptError, FileNotFoundError) as e:
+    except (TrainSetupError, TokenizerMismatchError, CacheCorruptError, FileNotFoundError, StorageError,
+            StorageURLError) as e:
         raise click.ClickException(str(e)) from None
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"final student: {summary['final']} (step {summary['step']})")
@@ -290,6 +299,7 @@ def inspect_cmd(cache, as_json, **flags):
     import json
 
     from rlkd.cache import CacheCorruptError
+    from rlkd.cache.storage import StorageError
     from rlkd.config import build_config
     from rlkd.inspect.run import InspectOptions, run
     from rlkd.inspect.student import AgreementError
@@ -299,7 +309,7 @@ def inspect_cmd(cache, as_json, **flags):
     color = opts.color == "always" or (opts.color == "auto" and not as_json and is_terminal(sys.stdout))
     try:
         obj, text = run(opts, color=color, progress=is_terminal(sys.stderr))
-    except (AgreementError, TokenizerNotFoundError, CacheCorruptError, FileNotFoundError) as e:
+    except (AgreementError, TokenizerNotFoundError, CacheCorruptError, FileNotFoundError, StorageError) as e:
         raise click.ClickException(str(e)) from None
     except (ValueError, KeyError, IndexError) as e:
         raise click.ClickException(str(e.args[0]) if e.args else repr(e)) from None

@@ -76,6 +76,16 @@ def read_manifest(cache_dir) -> dict:
     return manifest
 
 
+def shard_files(cache_dir) -> list[str]:
+    """The full name (path or URL) of every shard the manifest lists, in manifest order: the ``data_files`` for
+    ``datasets.load_dataset("parquet", data_files=...)``. (A ``*.parquet`` glob could also pick up a shard that a
+    crashed writer left unlisted, whose rows the manifest does not vouch for.)"""
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
+    return [loc.name(s["file"]) for s in read_manifest(loc).get("shards", [])]
+
+
 def write_manifest(cache_dir: str | Path, manifest: dict) -> None:
     """Replace the manifest atomically: tmp file, fsync, rename, fsync the directory."""
     path = manifest_path(cache_dir)

@@ -93,6 +93,7 @@ class LocalShardCache:
             raise OSError(f"--local-cache {self.dir} is not writable: choose a writable folder")
         self._lock = threading.Lock()
         self._busy: dict[str, threading.Lock] = {}
+        self._reserved = 0  # bytes of downloads in flight
         self.downloaded_bytes = 0
         """Bytes this process downloaded into the cache."""
         self.hits = 0
@@ -115,8 +116,14 @@ class LocalShardCache:
                     return path
             except FileNotFoundError:
                 pass
-            self._make_room(size)
-            digest = loc.download(rel, path)
+            with self._lock:  # evict and reserve together, so parallel downloads stay within the budget
+                self._make_room(size)
+                self._reserved += size
+            try:
+                digest = loc.download(rel, path)
+            finally:
+                with self._lock:
+                    self._reserved -= size
             with self._lock:
                 self.downloaded_bytes += size
                 self.misses += 1
@@ -128,8 +135,8 @@ class LocalShardCache:
             return path
 
     def _make_room(self, incoming: int) -> None:
-        """Delete least recently used copies until ``incoming`` more bytes fit (the newest is never skipped for
-        lack of room: a shard larger than the budget is still downloaded, alone)."""
+        """Delete least recently used copies until ``incoming`` more bytes fit (called under the lock). A shard is
+        downloaded even when it cannot fit: the budget is then exceeded by what the reader needs right now."""
         entries = []
         for p in self.dir.glob("*.parquet"):
             try:
@@ -137,7 +144,7 @@ class LocalShardCache:
             except FileNotFoundError:
                 continue
             entries.append((st.st_mtime, st.st_size, p))
-        total = sum(size for _, size, _ in entries)
+        total = sum(size for _, size, _ in entries) + self._reserved
         for _, size, p in sorted(entries):
             if total + incoming <= self.max_bytes:
                 break

@@ -130,6 +130,43 @@ def _redacted(url: str) -> str:
     return url
 
 
+def _scheme(text: str) -> str:
+    scheme = text.split("://", 1)[0].lower()
+    return _SCHEME_ALIASES.get(scheme, scheme)
+
+
+def url_problem(where) -> str | None:
+    """What is wrong with a cache location's syntax (None for plain paths and usable URLs). Talks to no server,
+    so config validation can report it together with every other problem."""
+    text = os.fspath(where) if isinstance(where, os.PathLike) else str(where)
+    if "://" not in text:
+        return None
+    scheme = _scheme(text)
+    parts = urlsplit(text)
+    if "@" in parts.netloc and scheme != "hf":
+        return (f"{_redacted(text)}: credentials do not belong in a cache URL (they would show in logs and `ps`); "
+                "set them in the environment (AWS_ACCESS_KEY_ID, ...) instead")
+    if parts.query or parts.fragment:
+        return (f"{_redacted(text).split('?')[0].split('#')[0]}: options in the URL ('?...') are not supported; "
+                "endpoints and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            return f"{text}: a file:// URL names a local path: file:///absolute/path"
+        return None
+    if scheme in ("s3", "gs"):
+        if not parts.netloc:
+            return f"{text}: no bucket; write {scheme}://BUCKET/PREFIX"
+        return None
+    if scheme == "hf":
+        path = text.split("://", 1)[1].strip("/")
+        if not path.startswith("datasets/") or path.count("/") < 2:
+            return (f"{text}: rlkd reads caches from Hugging Face dataset repositories: "
+                    "hf://datasets/ORG/NAME[/SUBFOLDER]")
+        return None
+    return (f"{_redacted(text)}: unknown scheme {scheme}://; a cache location is a path, file://, s3://, gs:// or "
+            "hf://datasets/...")
+
+
 def _s3_filesystem(bucket: str):
     from pyarrow import fs as pafs
 
@@ -192,6 +229,8 @@ class CacheLocation:
         self.retry = retry or RetryPolicy()
         self.stats = IOStats()
         """What this location read from its store (remote locations only), for progress and benchmarks."""
+        self._handles: dict = {}
+        self._handles_lock = threading.Lock()
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -203,36 +242,19 @@ class CacheLocation:
         text = os.fspath(where) if isinstance(where, os.PathLike) else str(where)
         if "://" not in text:
             return cls._local(text, Path(text).expanduser(), retry)
-        scheme = text.split("://", 1)[0].lower()
-        scheme = _SCHEME_ALIASES.get(scheme, scheme)
+        problem = url_problem(text)
+        if problem:
+            raise StorageURLError(problem)
+        scheme = _scheme(text)
         parts = urlsplit(text)
-        if "@" in parts.netloc and scheme != "hf":
-            raise StorageURLError(f"{_redacted(text)}: credentials do not belong in a cache URL (it would show in "
-                                  "logs and `ps`); set them in the environment (AWS_ACCESS_KEY_ID, ... ) instead")
-        if parts.query or parts.fragment:
-            raise StorageURLError(f"{_redacted(text).split('?')[0]}: options in the URL ('?...') are not "
-                                  "supported; endpoints and credentials come from the environment "
-                                  "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
         url = text.rstrip("/")
         if scheme == "file":
-            if parts.netloc not in ("", "localhost"):
-                raise StorageURLError(f"{text}: a file:// URL names a local path (file:///abs/path)")
             return cls._local(url, Path(parts.path or "/"), retry)
         if scheme in ("s3", "gs"):
-            bucket = parts.netloc
-            if not bucket:
-                raise StorageURLError(f"{text}: no bucket; write {scheme}://BUCKET/PREFIX")
-            root = f"{bucket}/{parts.path.strip('/')}".rstrip("/")
-            fs = _s3_filesystem(bucket) if scheme == "s3" else _gcs_filesystem()
+            root = f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
+            fs = _s3_filesystem(parts.netloc) if scheme == "s3" else _gcs_filesystem()
             return cls(url, scheme, fs, root, retry=retry)
-        if scheme == "hf":
-            path = text.split("://", 1)[1].strip("/")
-            if not path.startswith("datasets/") or path.count("/") < 2:
-                raise StorageURLError(f"{text}: rlkd reads caches from dataset repositories: "
-                                      "hf://datasets/ORG/NAME[/SUBFOLDER]")
-            return cls(url, "hf", _hf_filesystem(), path, retry=retry)
-        raise StorageURLError(f"{_redacted(text)}: unknown scheme {scheme}://; a cache location is a path, file://, "
-                              "s3://, gs:// or hf://datasets/")
+        return cls(url, "hf", _hf_filesystem(), text.split("://", 1)[1].strip("/"), retry=retry)
 
     @classmethod
     def _local(cls, url: str, path: Path, retry) -> CacheLocation:
@@ -372,10 +394,17 @@ class CacheLocation:
         return data
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of ``rel`` from ``offset`` (one ranged GET on an object store)."""
+        """``length`` bytes of ``rel`` from ``offset`` (one ranged GET on an object store).
+
+        The object's handle is kept open (Arrow's ``read_at`` is thread-safe and stateless on object stores), so
+        only its first read pays the HEAD request that opening costs; a failed read drops it."""
         def read():
-            with self.fs.open_input_file(self.path(rel)) as f:
+            f = self._handle(rel)
+            try:
                 data = f.read_at(length, offset)
+            except BaseException:
+                self._drop_handle(rel)
+                raise
             if len(data) != length:
                 raise StorageError(f"{self.name(rel)} ended at byte {offset + len(data)}, {offset + length} wanted "
                                    "(the object is shorter than the manifest says: run `rlkd verify`)")
@@ -385,6 +414,28 @@ class CacheLocation:
         if not self.is_local:
             self.stats.add(len(data))
         return data
+
+    MAX_HANDLES = 256
+
+    def _handle(self, rel: str):
+        with self._handles_lock:
+            f = self._handles.get(rel)
+        if f is None:
+            f = self.fs.open_input_file(self.path(rel))
+            with self._handles_lock:
+                self._handles[rel] = f
+                while len(self._handles) > self.MAX_HANDLES:
+                    self._handles.pop(next(iter(self._handles))).close()
+        return f
+
+    def _drop_handle(self, rel: str) -> None:
+        with self._handles_lock:
+            f = self._handles.pop(rel, None)
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def download(self, rel: str, dest: Path, *, chunk: int = 8 << 20) -> str:
         """Copy ``rel`` to the local file ``dest`` (written under a temporary name, renamed when complete) and

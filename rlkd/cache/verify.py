@@ -17,15 +17,17 @@ are named and the rest counted.
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlkd.cache.codec import DecodedBlock
 from rlkd.cache.manifest import read_manifest, vocab_limit
 from rlkd.cache.reader import check_manifest, shard_schema_problems
 from rlkd.cache.schema import TeacherRow
+from rlkd.cache.storage import CacheLocation
 
 MASS_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "q8": 0.05}
 """Allowed excess of decoded top-k mass over 1, and |top-k mass + tail mass - 1|, per codec. q8's 1/32-nat
@@ -88,13 +90,17 @@ def _row_invariants(r: TeacherRow, k: int, vocab: int | None, codec: str) -> lis
 
 
 def verify_report(cache_dir, deep: bool = False) -> dict:
-    """Run every check and return ``{"problems": [...], "shards", "rows", "positions", "bytes", "deep"}``."""
-    cache_dir = Path(cache_dir)
+    """Run every check and return ``{"problems": [...], "shards", "rows", "positions", "bytes", "deep"}``.
+
+    ``cache_dir`` is a path or a URL; problems name shards by their full name (``s3://bucket/prefix/shard-...``).
+    A remote shard is read once, whole, into memory: the hash and the Parquet checks share that read."""
     problems: list[str] = []
     report = {"cache": str(cache_dir), "deep": deep, "problems": problems, "shards": 0, "rows": 0,
               "positions": 0, "bytes": 0}
     try:
-        manifest = read_manifest(cache_dir)
+        loc = CacheLocation.parse(cache_dir)
+        manifest = read_manifest(loc)
+        listing = loc.list_files()
     except Exception as e:  # noqa: BLE001 - any unreadable manifest is a problem to report, not a crash
         problems.append(str(e))
         return report
@@ -110,37 +116,40 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
     listed = set()
     seen_ids: dict[str, str] = {}
     totals = {"rows": 0, "positions": 0, "tokens": 0, "bytes": 0}
-    from rlkd.cache.writer import file_sha256
-
     for e in entries:
         rel = e["file"]
+        name = loc.name(rel)
         if rel in listed:
-            problems.append(f"shard {rel} is listed twice in the manifest")
+            problems.append(f"shard {name} is listed twice in the manifest")
             continue
         listed.add(rel)
         for key in totals:
             totals[key] += int(e.get(key, 0))
-        path = cache_dir / rel
-        if not path.is_file():
-            problems.append(f"shard {rel}: missing")
+        if rel not in listing:
+            problems.append(f"shard {name}: missing")
             continue
-        size = path.stat().st_size
+        size = listing[rel]
         if size != e["bytes"]:
-            problems.append(f"shard {rel}: {size} bytes, manifest says {e['bytes']} (truncated or modified)")
-        if file_sha256(path) != e["sha256"]:
-            problems.append(f"shard {rel}: sha256 differs from the manifest (corrupted)")
+            problems.append(f"shard {name}: {size} bytes, manifest says {e['bytes']} (truncated or modified)")
         try:
-            pf = pq.ParquetFile(path, page_checksum_verification=True)
-        except Exception as err:  # noqa: BLE001 - a damaged footer raises anything
-            problems.append(f"shard {rel}: not a readable Parquet file ({err})")
+            digest, source = _hash_and_source(loc, rel)
+        except OSError as err:  # StorageError: the store could not be read, retries spent
+            problems.append(f"shard {name}: cannot be read ({err})")
             continue
-        problems += shard_schema_problems(pf, codec, k, rel)
+        if digest != e["sha256"]:
+            problems.append(f"shard {name}: sha256 differs from the manifest (corrupted)")
+        try:
+            pf = pq.ParquetFile(source, page_checksum_verification=True)
+        except Exception as err:  # noqa: BLE001 - a damaged footer raises anything
+            problems.append(f"shard {name}: not a readable Parquet file ({err})")
+            continue
+        problems += shard_schema_problems(pf, codec, k, name)
         md = pf.metadata
         if md.num_rows != e["rows"]:
-            problems.append(f"shard {rel}: {md.num_rows} rows, manifest says {e['rows']}")
+            problems.append(f"shard {name}: {md.num_rows} rows, manifest says {e['rows']}")
         rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         if "row_group_rows" in e and list(e["row_group_rows"]) != rg_rows:
-            problems.append(f"shard {rel}: row groups hold {rg_rows} rows, manifest says {e['row_group_rows']}")
+            problems.append(f"shard {name}: row groups hold {rg_rows} rows, manifest says {e['row_group_rows']}")
         row_problems: dict[str, list[str]] = {}
         positions = tokens = 0
         for rg in range(md.num_row_groups):
@@ -150,45 +159,56 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
                 else:
                     table = pf.read_row_group(rg, columns=["row_id", "input_ids"], use_threads=False)
             except Exception as err:  # noqa: BLE001
-                problems.append(f"shard {rel}: row group {rg} cannot be read ({err})")
+                problems.append(f"shard {name}: row group {rg} cannot be read ({err})")
                 continue
             lens = table.column("input_ids").combine_chunks().value_lengths().to_numpy()
             tokens += int(lens.sum())
             positions += int((lens - 1).sum())
             for j, rid in enumerate(table.column("row_id").to_pylist()):
                 if rid in seen_ids:
-                    problems.append(f"shard {rel}: row_id {rid} (row group {rg}, row {j}) also in {seen_ids[rid]}")
+                    problems.append(f"shard {name}: row_id {rid} (row group {rg}, row {j}) also in {seen_ids[rid]}")
                 else:
                     seen_ids[rid] = rel
             if deep:
                 try:
                     block = DecodedBlock(table, codec)
                 except Exception as err:  # noqa: BLE001
-                    problems.append(f"shard {rel}: row group {rg} does not decode ({err})")
+                    problems.append(f"shard {name}: row group {rg} does not decode ({err})")
                     continue
                 for j in range(block.num_rows):
                     r = block.row(j)
                     for msg in _row_invariants(r, k, vocab, codec):
                         row_problems.setdefault(msg, []).append(f"row group {rg} row {j} (row_id {r.row_id})")
         if "positions" in e and positions != e["positions"]:
-            problems.append(f"shard {rel}: {positions} positions, manifest says {e['positions']}")
+            problems.append(f"shard {name}: {positions} positions, manifest says {e['positions']}")
         if "tokens" in e and tokens != e["tokens"]:
-            problems.append(f"shard {rel}: {tokens} tokens, manifest says {e['tokens']}")
+            problems.append(f"shard {name}: {tokens} tokens, manifest says {e['tokens']}")
         for msg, where in row_problems.items():
             more = f" and {len(where) - MAX_EXAMPLES} more rows" if len(where) > MAX_EXAMPLES else ""
-            problems.append(f"shard {rel}: {msg}: {'; '.join(where[:MAX_EXAMPLES])}{more}")
+            problems.append(f"shard {name}: {msg}: {'; '.join(where[:MAX_EXAMPLES])}{more}")
         report["rows"] += md.num_rows
         report["positions"] += positions
         report["bytes"] += size
     for key, value in totals.items():
         if key in manifest and key in ("rows", "positions", "bytes") and manifest[key] != value:
             problems.append(f"manifest total {key}={manifest[key]} but its shards add up to {value}")
-    for path in sorted(cache_dir.rglob("*.parquet")):
-        rel = path.relative_to(cache_dir).as_posix()
-        if rel not in listed:
-            problems.append(f"{rel} is not listed in the manifest (left by a crashed writer? reopening the writer "
+    for rel in listing:
+        if rel.endswith(".parquet") and rel not in listed:
+            problems.append(f"{loc.name(rel)} is not listed in the manifest (left by a crashed writer? reopening the writer "
                             "adopts it; otherwise delete it)")
     return report
+
+
+def _hash_and_source(loc: CacheLocation, rel: str):
+    """(sha256, what ``pq.ParquetFile`` opens): a local file is hashed and then opened by path; a remote object is
+    read once into memory and both come from that copy."""
+    path = loc.local_path(rel)
+    if path is not None:
+        from rlkd.cache.writer import file_sha256
+
+        return file_sha256(path), path
+    data = loc.read_bytes(rel)
+    return hashlib.sha256(data).hexdigest(), pa.BufferReader(data)
 
 
 def verify_cache(cache_dir, deep: bool = False) -> list[str]:

@@ -15,7 +15,7 @@ class InspectOptions:
     """Options of ``rlkd inspect`` (one field per flag)."""
 
     cache: str
-    """The cache directory (holds manifest.json)."""
+    """The cache directory (holds manifest.json), or its URL (``s3://bucket/prefix``, ...)."""
     sample: int | None = None
     """Summary over this many randomly chosen positions instead of all; with --student, score whole random rows
     until they hold at least this many positions."""
@@ -61,7 +61,11 @@ class InspectOptions:
                             "(use --html with --rows to put rows in the report)")
         if self.color not in ("auto", "always", "never"):
             problems.append(f"--color must be auto, always or never, got {self.color!r}")
-        if not (Path(self.cache) / "manifest.json").is_file():
+        from rlkd.cache.storage import url_problem
+
+        if url_problem(self.cache):
+            problems.append(url_problem(self.cache))
+        elif "://" not in self.cache and not (Path(self.cache) / "manifest.json").is_file():
             problems.append(f"{self.cache} is not an rlkd cache (no manifest.json there)")
         return problems
 

@@ -228,9 +228,12 @@ def max_cached_id(cache_dir: str | Path, manifest: dict) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
     largest = -1
     for shard in manifest.get("shards", []):
-        table = pq.read_table(Path(cache_dir) / shard["file"], columns=["topk_ids", "input_ids"])
+        table = pq.read_table(loc.path(shard["file"]), filesystem=loc.fs, columns=["topk_ids", "input_ids"])
         for name in ("topk_ids", "input_ids"):
             values = pc.list_flatten(table.column(name))
             if len(values):

@@ -144,8 +144,10 @@ def setup(cfg: TrainConfig) -> Run:
     student = dist.wrap(StudentWithHead(model), ctx, device)
 
     # Every process reads the same global stream (rank 0 of 1) and takes its share of each step's window.
+    io = {"prefetch": cfg.data.prefetch, "local_cache": cfg.data.local_cache,
+          "local_cache_gb": cfg.data.local_cache_gb}  # how shards are fetched; never what is read, or in which order
     reader = CacheReader(cfg.data.cache, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.run.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
+                         shuffle_buffer=cfg.data.shuffle_buffer, **io)
     epochs = int(cfg.optim.epochs) if cfg.optim.epochs is not None else None
     stream = TrainStream(reader, batch_size=cfg.data.batch_size, eval_fraction=cfg.data.eval_fraction,
                          group_by_length=cfg.data.group_by_length, length_group=cfg.data.length_group,
@@ -159,7 +161,7 @@ def setup(cfg: TrainConfig) -> Run:
     eval_reader = None
     if cfg.data.eval_cache or cfg.data.eval_fraction > 0:
         eval_reader = CacheReader(cfg.data.eval_cache or cfg.data.cache, batch_size=cfg.data.batch_size,
-                                  shuffle=False)
+                                  shuffle=False, **io)
 
     optimizer = _make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
