@@ -346,3 +346,43 @@ def test_verify_names_remote_objects_missing_and_unlisted(local_cache, remote, s
     problems = verify_report(remote)["problems"]
     assert f"shard {remote}/{shard}: missing" in problems
     assert any(p.startswith(f"{remote}/stray.parquet is not listed") for p in problems)
+
+
+def test_two_training_steps_from_s3_equal_training_from_the_local_copy(tiny_teacher_dir, tiny_student_dir, s3_bucket,
+                                                                        tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from rlkd.cache import tokenizer_identity
+    from rlkd.cli import main
+    from tests.cache_from_model import teacher_rows
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_teacher_dir))
+    meta = {**test_meta(vocab=len(tok)), "tokenizer": tokenizer_identity(tok),
+            "teacher": {"name_or_path": str(tiny_teacher_dir), "vocab_size": len(tok)}}
+    local = tmp_path / "cache"
+    with CacheWriter(local, meta, k=12, codec="fp32", row_group_rows=4, shard_max_bytes=20_000) as w:
+        for r in teacher_rows(tiny_teacher_dir, 24, k=12, seed=3):
+            w.write(r)
+    assert len(read_manifest(local)["shards"]) >= 2
+    remote = upload_dir(local, s3_bucket, "kd/cache")
+    common = ["train-student", "--student", str(tiny_student_dir), "--max-steps", "2", "--batch-size", "3",
+              "--lr", "3e-3", "--device", "cpu", "--no-progress", "--save-every", "0", "--seed", "4"]
+    runner = CliRunner()
+    res = runner.invoke(main, common + ["--cache", str(local), "--out", str(tmp_path / "run-local")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, common + ["--cache", remote, "--out", str(tmp_path / "run-s3"), "--local-cache",
+                                        str(tmp_path / "lc"), "--local-cache-gb", "0.5", "--prefetch", "3"])
+    assert res.exit_code == 0, res.output
+    a = load_file(str(tmp_path / "run-local" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run-s3" / "final" / "model.safetensors"))
+    before = load_file(str(Path(tiny_student_dir) / "model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[n], before[n]) for n in a)  # it did train
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert list((tmp_path / "lc").glob("*.parquet"))  # the shards came through the local cache
+    # a broken URL is one clear line before anything runs
+    res = runner.invoke(main, common + ["--cache", "s3://key:secret@bucket/x", "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "credentials do not belong" in res.output and "secret@" not in res.output
