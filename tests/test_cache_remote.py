@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlkd.cache import CacheCorruptError, CacheReader, CacheWriter, read_manifest, verify_report
+from rlkd.cache import CacheCorruptError, CacheReader, CacheWriter, decode_logprobs, read_manifest, verify_report
 from rlkd.cache.manifest import shard_files
 from rlkd.cache.shard_io import LocalShardCache
 from rlkd.cache.storage import CacheLocation, RetryPolicy, StorageError, StorageURLError, url_problem
@@ -302,8 +302,14 @@ def test_datasets_load_dataset_reads_the_cache(local_cache, remote, rows, tmp_pa
     assert {"row_id", "source_index", "input_ids", "loss_mask", "topk_count", "topk_ids", "top1_logprob",
             "logprob_gaps", "tail_logmass", "target_logprob", "target_rank"} == columns
     by_id = {r.row_id: r for r in rows}
+    decoded = {r.row_id: r for r in want}
     for g in got:
         r = by_id[g["row_id"]]
+        # the README's recipe: q8 log-probs decode with rlkd.cache.decode_logprobs, as the reader decodes them
+        lp = decode_logprobs("q8", {"top1_logprob": np.asarray(g["top1_logprob"], np.float16),
+                                    "logprob_gaps": np.frombuffer(g["logprob_gaps"], np.uint8)},
+                             np.asarray(g["topk_count"]))
+        np.testing.assert_array_equal(lp, decoded[g["row_id"]].topk_logprobs)
         assert g["source_index"] == r.source_index and g["input_ids"] == r.input_ids.tolist()
         assert g["topk_ids"] == r.topk_ids.tolist() and g["topk_count"] == r.topk_count.tolist()
         assert g["loss_mask"] == r.loss_mask.tolist() and g["target_rank"] == r.target_rank.tolist()
