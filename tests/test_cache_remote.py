@@ -341,6 +341,7 @@ def test_verify_and_inspect_json_on_s3(local_cache, remote):
     assert res.exit_code == 1 and "Traceback" not in res.output  # no tokenizer: one clear line
     res = runner.invoke(main, ["verify", remote + "-missing"])
     assert res.exit_code == 1 and "no cache there" in res.output
+    assert "rlkd-test-secret" not in res.output + str(got)  # the fixture's secret key never shows
 
 
 def test_verify_names_remote_objects_missing_and_unlisted(local_cache, remote, s3_bucket):
@@ -389,6 +390,11 @@ def test_two_training_steps_from_s3_equal_training_from_the_local_copy(tiny_teac
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert list((tmp_path / "lc").glob("*.parquet"))  # the shards came through the local cache
+    # inspect --row on the remote copy decodes the teacher's tokens as on the local one
+    views = [runner.invoke(main, ["inspect", c, "--row", "2", "--json", "--positions", "0:6"]) for c in (str(local),
+                                                                                                   remote)]
+    assert all(v.exit_code == 0 for v in views), [v.output for v in views]
+    assert json.loads(views[0].output) == json.loads(views[1].output)
     # a broken URL is one clear line before anything runs
     res = runner.invoke(main, common + ["--cache", "s3://key:secret@bucket/x", "--out", str(tmp_path / "bad")])
     assert res.exit_code != 0 and "credentials do not belong" in res.output and "secret@" not in res.output

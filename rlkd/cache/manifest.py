@@ -62,7 +62,8 @@ def read_manifest(cache_dir) -> dict:
         data = loc.read_bytes(MANIFEST_NAME)
     except (FileNotFoundError, IsADirectoryError):
         if not loc.is_local and not loc.is_dir():
-            raise FileNotFoundError(f"{loc}: no cache there (no object under that prefix)") from None
+            raise FileNotFoundError(f"{loc}: no cache there (no object under that prefix, or no such bucket)") \
+                from None
         raise FileNotFoundError(
             f"{path} not found: {loc} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
             "opened it yet") from None

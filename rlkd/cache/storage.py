@@ -346,12 +346,10 @@ class CacheLocation:
         return self.info(rel).type == pafs.FileType.File
 
     def is_dir(self, rel: str = "") -> bool:
-        """A local folder, or (object stores have no folders) any object under the prefix."""
+        """A local folder, or (object stores have no folders) a prefix with at least one object under it."""
         from pyarrow import fs as pafs
 
-        if self.is_local:
-            return self.info(rel).type == pafs.FileType.Directory
-        return bool(self.list_files(rel, limit_one=True)) or self.info(rel).type == pafs.FileType.Directory
+        return self.info(rel).type == pafs.FileType.Directory
 
     def size(self, rel: str) -> int | None:
         """Size in bytes, or None when ``rel`` does not exist (or is a folder)."""
@@ -360,7 +358,7 @@ class CacheLocation:
         info = self.info(rel)
         return int(info.size) if info.type == pafs.FileType.File else None
 
-    def list_files(self, rel: str = "", *, suffix: str | None = None, limit_one: bool = False) -> dict[str, int]:
+    def list_files(self, rel: str = "", *, suffix: str | None = None) -> dict[str, int]:
         """Every object (recursively) under ``rel``: ``{path relative to the cache root: size}``, sorted. One
         LIST request per 1000 objects on S3, so checking a thousand shards' sizes costs one request, not 1000."""
         from pyarrow import fs as pafs
@@ -376,8 +374,6 @@ class CacheLocation:
             name = info.path[len(prefix):] if info.path.startswith(prefix) else info.path
             if suffix is None or name.endswith(suffix):
                 out[name] = int(info.size)
-                if limit_one:
-                    break
         return dict(sorted(out.items()))
 
     # ---- reads -------------------------------------------------------------------------------------------------
