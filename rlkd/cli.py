@@ -264,6 +264,8 @@ def _inspect_help() -> str:
         "  rlkd inspect CACHE --row N [--positions A:B]    one row, position by position, with the teacher's peaks\n"
         "  rlkd inspect CACHE --html report.html [--rows 0,3,10-12]   self-contained HTML report\n"
         "  rlkd inspect CACHE --student PATH [--sample N]  CR@1/2/5, OR@5/10, MOR@5/10, top-1 agreement, sparse KL\n"
+        "\nCACHE is a folder or a URL (s3://bucket/prefix, gs://, hf://datasets/...; credentials from the "
+        "environment).\n"
         "\n"
         "Statistics (each split into prompt and response positions by loss_mask): top-1 probability; entropy "
         "lower bound (tail mass packed into as few tokens as the ranking allows, each at most the last cached "
@@ -326,7 +328,8 @@ def inspect_cmd(cache, as_json, **flags):
 @click.option("--deep", is_flag=True, help="Also decode every row and check ids, rank order, mass and alignment.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(cache, deep, as_json):
-    """Check a cache against its manifest (sha256, sizes, rows, schema, version); exit 0 only when clean.
+    """Check a cache (folder or URL) against its manifest (sha256, sizes, rows, schema, version); exit 0 only when
+    clean.
 
     All problems are reported at once.
     """

@@ -90,6 +90,24 @@ def test_locations_parse_and_refuse_secrets_and_options(tmp_path):
     assert url_problem("hf://datasets/org/name/sub") is None and url_problem("gs://b/p") is None
 
 
+def test_train_config_reports_url_and_io_problems_together():
+    from rlkd.config import ConfigError
+    from rlkd.trainer.config import build_train_config
+
+    with pytest.raises(ConfigError) as e:
+        build_train_config({}, dict(student="s", cache="s3://AK:SK@bucket/c", out="o", max_steps=1, prefetch=-1,
+                                    local_cache_gb=0, eval_cache="ftp://x/y"))
+    msg = str(e.value)
+    for expected in ("credentials do not belong", "prefetch must be >= 0", "local_cache_gb must be > 0",
+                     "unknown scheme ftp://"):
+        assert expected in msg
+    assert "SK@" not in msg
+    cfg = build_train_config({}, dict(student="s", cache="s3://bucket/c", out="o", max_steps=1,
+                                      local_cache="/tmp/lc", local_cache_gb=2.5))
+    assert (cfg.data.cache, cfg.data.local_cache, cfg.data.local_cache_gb, cfg.data.prefetch) == \
+        ("s3://bucket/c", "/tmp/lc", 2.5, 4)
+
+
 def test_hf_locations_are_read_only():
     loc = CacheLocation.parse("hf://datasets/someone/some-cache/sub")
     assert loc.read_only and loc.root == "datasets/someone/some-cache/sub"
