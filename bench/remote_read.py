@@ -16,6 +16,7 @@ consumption (``--trainer-positions-per-s``, or derived from stage2's reader ÷ t
 about 1x the cache's bytes, epoch 2 with the local cache about 0. Usage::
 
     python bench/remote_read.py CACHE [--prefetch 4] [--rounds 3] [--json out.json]
+    python bench/remote_read.py --dolly 800 --shard-mb 2 --row-group-rows 32   # a real Dolly cache (SmolLM2 teacher)
     python bench/remote_read.py --synthetic 2000000 --dir /tmp/rlkd-bench-remote   # a realistic synthetic cache
     python bench/remote_read.py --smoke                                            # seconds, tiny cache
 
@@ -59,6 +60,38 @@ def build_synthetic(path: Path, positions: int, shard_mb: float, row_group_rows:
             w.write(row)
 
 
+def build_dolly(path: Path, teacher: Path, data: Path, rows: int, shard_mb: float, row_group_rows: int) -> None:
+    """A real cache: the first ``rows`` Dolly rows (<= 512 tokens) scored by the teacher with a transformers forward
+    (bench/stage2.py's recipe, no vLLM needed), k=20, q8."""
+    import numpy as np
+    import torch
+    from stage2 import dolly_sequences, teacher_targets_from_logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlkd.cache import CacheWriter, TeacherRow, make_row_id, tokenizer_identity
+
+    k = 20
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    meta = {"teacher": {"name_or_path": str(teacher), "vocab_size": model.config.vocab_size},
+            "tokenizer": tokenizer_identity(tok), "dataset": {"path": str(data), "rows": rows},
+            "config": {"seq_len": 512, "source": "bench/remote_read.py"}, "logprobs_mode": "raw_logprobs",
+            "temperature": 1.0, "engine": "transformers"}
+    with CacheWriter(path, meta, k=k, codec="q8", row_group_rows=row_group_rows,
+                     shard_max_bytes=int(shard_mb * 1e6)) as w, torch.no_grad():
+        for i, (ids, loss_mask) in enumerate(dolly_sequences(tok, data, rows, 512)):
+            logits = model(torch.as_tensor(ids[None], dtype=torch.long)).logits[0, :-1]  # (P, V)
+            top_ids, top_lp, tail, logp = teacher_targets_from_logits(logits, k)
+            nxt = torch.as_tensor(ids[1:], dtype=torch.long)
+            target_lp = logp.gather(1, nxt[:, None]).squeeze(1)
+            P = len(ids) - 1
+            w.write(TeacherRow(
+                row_id=make_row_id(ids, i), source_index=i, input_ids=ids, loss_mask=loss_mask,
+                topk_count=np.full(P, k, np.int32), topk_ids=top_ids.numpy().astype(np.int32).ravel(),
+                topk_logprobs=top_lp.numpy().ravel(), tail_logmass=tail.numpy(),
+                target_logprob=target_lp.numpy(), target_rank=((logp > target_lp[:, None]).sum(1) + 1).numpy()))
+
+
 def upload(cache: Path, bucket, prefix: str) -> str:
     from tests.s3_server import upload_dir
 
@@ -79,7 +112,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cache", nargs="?", help="a local cache folder to upload and read")
     ap.add_argument("--synthetic", type=int, metavar="POSITIONS", help="build a synthetic cache of this many positions")
-    ap.add_argument("--shard-mb", type=float, default=8.0, help="shard size of --synthetic caches (default 8 MB)")
+    ap.add_argument("--dolly", type=int, metavar="ROWS",
+                    help="build a real cache: the first ROWS rows of --data scored by --teacher (transformers)")
+    ap.add_argument("--teacher", type=Path, default=Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser())
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dolly" / "train.jsonl")
+    ap.add_argument("--shard-mb", type=float, default=8.0, help="shard size of built caches (default 8 MB)")
     ap.add_argument("--row-group-rows", type=int, default=256, help="row groups of --synthetic caches")
     ap.add_argument("--dir", default=None, help="where --synthetic builds (and keeps) its cache")
     ap.add_argument("--smoke", action="store_true", help="a tiny synthetic cache and one round: seconds")
@@ -93,8 +130,8 @@ def main() -> None:
     if args.smoke:
         args.synthetic, args.shard_mb, args.rounds = args.synthetic or 30_000, 0.25, 1
         args.row_group_rows = 8
-    if not args.cache and not args.synthetic:
-        ap.error("give a CACHE folder, --synthetic POSITIONS or --smoke")
+    if not args.cache and not args.synthetic and not args.dolly:
+        ap.error("give a CACHE folder, --dolly ROWS, --synthetic POSITIONS or --smoke")
 
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         os.environ.pop(name, None)
@@ -103,6 +140,16 @@ def main() -> None:
         if args.cache:
             cache = Path(args.cache)
             what = f"cache {cache}"
+        elif args.dolly:
+            base = Path(args.dir) if args.dir else work
+            cache = base / f"dolly-{args.dolly}-{args.shard_mb:g}mb-rg{args.row_group_rows}"
+            if not (cache / "manifest.json").is_file():
+                shutil.rmtree(cache, ignore_errors=True)
+                t0 = time.perf_counter()
+                build_dolly(cache, args.teacher, args.data, args.dolly, args.shard_mb, args.row_group_rows)
+                print(f"built {cache} in {time.perf_counter() - t0:.0f} s", flush=True)
+            what = (f"Dolly cache (first {args.dolly} rows of {args.data.name} <= 512 tokens, {args.teacher.name}, "
+                    f"k=20 q8, {args.row_group_rows}-row row groups, {args.shard_mb:g} MB shards)")
         else:
             base = Path(args.dir) if args.dir else work
             cache = base / f"synthetic-{args.synthetic}-{args.shard_mb:g}mb-rg{args.row_group_rows}"
