@@ -92,6 +92,14 @@ def build_dolly(path: Path, teacher: Path, data: Path, rows: int, shard_mb: floa
                 target_logprob=target_lp.numpy(), target_rank=((logp > target_lp[:, None]).sum(1) + 1).numpy()))
 
 
+def built(cache: Path) -> bool:
+    """A finished cache from an earlier run (an interrupted build leaves an incomplete one: rebuilt)."""
+    from rlkd.cache import read_manifest
+
+    return (cache / "manifest.json").is_file() and bool(read_manifest(cache).get("complete")) \
+        and read_manifest(cache).get("rows", 0) > 0
+
+
 def upload(cache: Path, bucket, prefix: str) -> str:
     from tests.s3_server import upload_dir
 
@@ -143,7 +151,7 @@ def main() -> None:
         elif args.dolly:
             base = Path(args.dir) if args.dir else work
             cache = base / f"dolly-{args.dolly}-{args.shard_mb:g}mb-rg{args.row_group_rows}"
-            if not (cache / "manifest.json").is_file():
+            if not built(cache):
                 shutil.rmtree(cache, ignore_errors=True)
                 t0 = time.perf_counter()
                 build_dolly(cache, args.teacher, args.data, args.dolly, args.shard_mb, args.row_group_rows)
@@ -153,7 +161,7 @@ def main() -> None:
         else:
             base = Path(args.dir) if args.dir else work
             cache = base / f"synthetic-{args.synthetic}-{args.shard_mb:g}mb-rg{args.row_group_rows}"
-            if not (cache / "manifest.json").is_file():
+            if not built(cache):
                 shutil.rmtree(cache, ignore_errors=True)
                 t0 = time.perf_counter()
                 build_synthetic(cache, args.synthetic, args.shard_mb, args.row_group_rows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ class _Faults:
     fail_next: int = 0
     status: int = 503
     match: str = ""
+    stall_next: int = 0
+    stall_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, method: str, path: str) -> int | None:
@@ -43,6 +46,13 @@ class _Faults:
                 self.fail_next -= 1
                 return self.status
         return None
+
+    def stall(self, method: str, path: str) -> float:
+        with self.lock:
+            if self.stall_next > 0 and method == "GET" and self.match in path:
+                self.stall_next -= 1
+                return self.stall_seconds
+        return 0.0
 
 
 class _Recorder:
@@ -56,6 +66,9 @@ class _Recorder:
 
     def __call__(self, environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        delay = self.faults.stall(method, path)
+        if delay:
+            time.sleep(delay)  # a store that accepts the request and then says nothing
         status = self.faults.take(method, path)
         if status is not None:
             body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -118,6 +131,12 @@ class S3Server:
         """Answer the next ``n`` GET requests whose path contains ``match`` with HTTP ``status``."""
         with self.recorder.faults.lock:
             self.recorder.faults.fail_next, self.recorder.faults.status = n, status
+            self.recorder.faults.match = match
+
+    def stall_next(self, n: int, seconds: float, *, match: str = "") -> None:
+        """Hold the next ``n`` GETs whose path contains ``match`` for ``seconds`` before answering."""
+        with self.recorder.faults.lock:
+            self.recorder.faults.stall_next, self.recorder.faults.stall_seconds = n, seconds
             self.recorder.faults.match = match
 
     def gets(self, match: str = "") -> list[Request]:

@@ -108,6 +108,23 @@ def test_train_config_reports_url_and_io_problems_together():
         ("s3://bucket/c", "/tmp/lc", 2.5, 4)
 
 
+@pytest.mark.parametrize("message, transient", [
+    ("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, Couldn't connect to server", True),
+    ("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.", True),
+    ("AWS Error UNKNOWN (HTTP status 503) during GetObject operation", True),
+    ("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream", True),
+    ("AWS Error ACCESS_DENIED during GetObject operation: Access Denied", False),
+    ("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No response body.", False),
+    ("AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation", False),
+])
+def test_transient_errors_are_told_apart_from_permanent_ones(message, transient):
+    from rlkd.cache.storage import is_transient
+
+    assert is_transient(OSError(message)) is transient
+    assert not is_transient(FileNotFoundError(message)) and not is_transient(ValueError(message))
+    assert is_transient(ConnectionResetError("reset by peer")) and is_transient(TimeoutError())
+
+
 def test_hf_locations_are_read_only():
     loc = CacheLocation.parse("hf://datasets/someone/some-cache/sub")
     assert loc.read_only and loc.root == "datasets/someone/some-cache/sub"
@@ -126,6 +143,7 @@ def test_s3_location_basics(s3_bucket):
     assert loc.read_bytes("x/y.bin") == b"new"
     with pytest.raises(FileNotFoundError, match=f"{s3_bucket.url('a/b')}/nope does not exist"):
         loc.read_bytes("nope")
+    assert loc.stats.retries == 0  # a missing object is not retried
     loc.remove("x/y.bin")
     assert loc.list_files() == {}
 
@@ -224,6 +242,16 @@ def test_http_503s_are_retried_and_an_outage_names_the_object(local_cache, remot
         s3_server.fail_next(0)
     msg = str(e.value)
     assert f"{remote}/shard-" in msg and "after 4 attempts" in msg
+
+
+def test_a_stalled_store_times_out_and_is_retried(local_cache, remote, s3_server):
+    kw = dict(batch_size=7, seed=8)
+    want = batches(CacheReader(local_cache, **kw))
+    reader = CacheReader(remote, prefetch=0, retry=FAST_RETRY, **kw)
+    s3_server.stall_next(2, 60.0, match="shard-")  # two requests that would hang for a minute
+    t0 = time.perf_counter()
+    assert_batches_equal(batches(reader), want)
+    assert time.perf_counter() - t0 < 30  # each stall was cut by a timeout, not waited out
 
 
 def test_flipped_byte_in_a_remote_shard_is_caught_and_named(local_cache, remote, s3_bucket):
