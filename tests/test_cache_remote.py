@@ -116,6 +116,8 @@ def test_train_config_reports_url_and_io_problems_together():
     ("AWS Error ACCESS_DENIED during GetObject operation: Access Denied", False),
     ("AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No response body.", False),
     ("AWS Error NO_SUCH_BUCKET during ListObjectsV2 operation", False),
+    ("404 Client Error. Repository Not Found for url: https://huggingface.co/api/datasets/x/y", False),
+    ("Offline mode is enabled. Tried to reach https://huggingface.co/api/datasets/x/y", False),
 ])
 def test_transient_errors_are_told_apart_from_permanent_ones(message, transient):
     from rlkd.cache.storage import is_transient

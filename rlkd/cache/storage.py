@@ -98,7 +98,10 @@ class IOStats:
 
 _PERMANENT_MARKERS = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                       "NoSuchBucket", "NO_SUCH_BUCKET", "HTTP status 403", "HTTP status 404", "HTTP status 400",
-                      "HTTP status 401", "INVALID_ACCESS_KEY_ID", "Forbidden", "Unauthorized")
+                      "HTTP status 401", "INVALID_ACCESS_KEY_ID", "Forbidden", "Unauthorized",
+                      "400 Client Error", "401 Client Error", "403 Client Error", "404 Client Error",
+                      "Offline mode is enabled")
+"""Substrings of error messages (Arrow's AWS SDK, huggingface_hub) that mean retrying cannot help."""
 
 
 def is_transient(err: BaseException) -> bool:
@@ -106,8 +109,6 @@ def is_transient(err: BaseException) -> bool:
     permissions and bad requests are permanent (retrying cannot help); anything that is not an I/O error is a bug."""
     if isinstance(err, (StorageError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
-    if isinstance(err, (TimeoutError, ConnectionError)):
-        return True
     if not isinstance(err, OSError):
         return False
     text = str(err)
