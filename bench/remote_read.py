@@ -179,7 +179,7 @@ def run(cache: Path, args, work: Path) -> dict:
     import logging
 
     from rlkd.cache import CacheReader, read_manifest
-    from tests.s3_server import S3Server, Bucket
+    from tests.s3_server import Bucket, S3Server
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = S3Server()

@@ -407,12 +407,11 @@ def test_two_training_steps_from_s3_equal_training_from_the_local_copy(tiny_teac
                                                                         tmp_path):
     from click.testing import CliRunner
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     from rlkd.cache import tokenizer_identity
     from rlkd.cli import main
     from tests.cache_from_model import teacher_rows
-
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_teacher_dir))
     meta = {**test_meta(vocab=len(tok)), "tokenizer": tokenizer_identity(tok),

@@ -22,8 +22,8 @@ Where the cache lives does not change any of this: ``cache_dir`` is a path or a 
 ``prefetch`` of them in flight at once; transient store failures are retried (:mod:`rlkd.cache.storage`).
 
 Integrity: on construction every shard's size is checked against the manifest (one listing; catches truncation and
-missing files); a shard's schema is checked when it is first opened; Parquet page CRCs are verified on every read (catches
-flipped bytes in data). The full sha256 check is ``verify_cache`` / ``rlkd verify`` (or ``check_sha256=True``).
+missing files); a shard's schema is checked when it is first opened; Parquet page CRCs are verified on every read
+(catches flipped bytes in data). The full sha256 check is ``verify_cache`` / ``rlkd verify`` (or ``check_sha256=True``).
 Errors are :class:`CacheCorruptError` naming the shard.
 """
 

@@ -166,7 +166,8 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
             positions += int((lens - 1).sum())
             for j, rid in enumerate(table.column("row_id").to_pylist()):
                 if rid in seen_ids:
-                    problems.append(f"shard {name}: row_id {rid} (row group {rg}, row {j}) also in {seen_ids[rid]}")
+                    problems.append(f"shard {name}: row_id {rid} (row group {rg}, row {j}) also in "
+                                    f"{seen_ids[rid]}")
                 else:
                     seen_ids[rid] = rel
             if deep:
@@ -194,8 +195,8 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
             problems.append(f"manifest total {key}={manifest[key]} but its shards add up to {value}")
     for rel in listing:
         if rel.endswith(".parquet") and rel not in listed:
-            problems.append(f"{loc.name(rel)} is not listed in the manifest (left by a crashed writer? reopening the writer "
-                            "adopts it; otherwise delete it)")
+            problems.append(f"{loc.name(rel)} is not listed in the manifest (left by a crashed writer? reopening the "
+                            "writer adopts it; otherwise delete it)")
     return report
 
 
