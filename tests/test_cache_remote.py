@@ -425,11 +425,19 @@ def test_two_training_steps_from_s3_equal_training_from_the_local_copy(tiny_teac
     common = ["train-student", "--student", str(tiny_student_dir), "--max-steps", "2", "--batch-size", "3",
               "--lr", "3e-3", "--device", "cpu", "--no-progress", "--save-every", "0", "--seed", "4"]
     runner = CliRunner()
-    res = runner.invoke(main, common + ["--cache", str(local), "--out", str(tmp_path / "run-local")])
+    evals = ["--eval-every", "2", "--eval-max-rows", "5"]
+    res = runner.invoke(main, common + evals + ["--cache", str(local), "--eval-cache", str(local),
+                                                "--out", str(tmp_path / "run-local")])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, common + ["--cache", remote, "--out", str(tmp_path / "run-s3"), "--local-cache",
-                                        str(tmp_path / "lc"), "--local-cache-gb", "0.5", "--prefetch", "3"])
+    res = runner.invoke(main, common + evals + ["--cache", remote, "--eval-cache", remote, "--out",
+                                                str(tmp_path / "run-s3"), "--local-cache", str(tmp_path / "lc"),
+                                                "--local-cache-gb", "0.5", "--prefetch", "3"])
     assert res.exit_code == 0, res.output
+    metrics = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("run-local", "run-s3")]
+    drop = ("_per_s", "time", "elapsed", "wall")  # rates and clocks differ run to run
+    strip = [[{k: v for k, v in m.items() if not any(d in k for d in drop)} for m in ms] for ms in metrics]
+    assert strip[0] == strip[1] and any(m.get("split") == "eval" for m in metrics[1])
     a = load_file(str(tmp_path / "run-local" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "run-s3" / "final" / "model.safetensors"))
     before = load_file(str(Path(tiny_student_dir) / "model.safetensors"))
