@@ -27,6 +27,7 @@ completes (see :meth:`CacheLocation.write_bytes`). Why pyarrow.fs and not fsspec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -183,11 +184,22 @@ def _s3_filesystem(bucket: str):
     elif endpoint:
         kwargs["region"] = "us-east-1"  # S3-compatible stores ignore it, but the SDK signs with one
     else:
-        try:  # real AWS: requests must go to the bucket's own region
-            kwargs["region"] = pafs.resolve_s3_region(bucket)
-        except OSError:
-            pass  # leave it to the SDK's default; the first real request reports what is wrong
+        region = _bucket_region(bucket)  # real AWS: requests must go to the bucket's own region
+        if region:
+            kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    """The bucket's region (one request per bucket and process), or None to leave it to the SDK's default; the
+    first real request then reports what is wrong."""
+    from pyarrow import fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None
 
 
 def _gcs_filesystem():
