@@ -9,6 +9,7 @@ and restarted, answers HTTP 503, or serves an object with a flipped byte.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -273,7 +274,7 @@ def test_local_cache_copy_is_checked_against_the_manifest(local_cache, remote, s
     flip_byte(s3_bucket, f"caches/run-1/{shard['file']}", 100)
     with pytest.raises(CacheCorruptError, match=f"shard {remote}/{shard['file']}: the downloaded copy"):
         batches(CacheReader(remote, shuffle=False, local_cache=tmp_path / "lc"))
-    assert not list((tmp_path / "lc").glob("*.parquet"))  # the bad copy is not kept
+    assert not list((tmp_path / "lc").iterdir())  # the bad copy is not kept, not even under a temporary name
 
 
 def test_local_cache_makes_epoch_two_download_nothing(local_cache, remote, s3_server, tmp_path):
@@ -299,7 +300,14 @@ def test_local_cache_makes_epoch_two_download_nothing(local_cache, remote, s3_se
 def test_local_cache_budget_evicts_least_recently_used(local_cache, remote, tmp_path):
     shards = read_manifest(local_cache)["shards"]
     budget = sum(s["bytes"] for s in shards[:2]) + 10  # room for about two shards
+    (tmp_path / "lc").mkdir()
+    stale, fresh = tmp_path / "lc" / ".x.parquet.1.rlkd-download", tmp_path / "lc" / ".y.parquet.2.rlkd-download"
+    stale.write_bytes(b"left by a killed process")
+    fresh.write_bytes(b"another process is downloading this")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     cache = LocalShardCache(tmp_path / "lc", budget)
+    assert not stale.exists() and fresh.exists()
+    fresh.unlink()
     loc = CacheLocation.parse(remote)
     for s in shards[:2]:
         cache.fetch(loc, s["file"], sha256=s["sha256"], size=s["bytes"])

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlkd.cache.manifest import CacheCorruptError
-from rlkd.cache.storage import CacheLocation
+from rlkd.cache.storage import DOWNLOAD_SUFFIX, CacheLocation
 
 GB = 10**9
 
@@ -91,6 +92,12 @@ class LocalShardCache:
                 from None
         if not os.access(self.dir, os.W_OK):
             raise OSError(f"--local-cache {self.dir} is not writable: choose a writable folder")
+        for tmp in self.dir.glob(f".*{DOWNLOAD_SUFFIX}"):  # left by a killed process (no download takes an hour)
+            try:
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    tmp.unlink()
+            except OSError:
+                pass
         self._lock = threading.Lock()
         self._busy: dict[str, threading.Lock] = {}
         self._reserved = 0  # bytes of downloads in flight
@@ -120,15 +127,14 @@ class LocalShardCache:
                 self._make_room(size)
                 self._reserved += size
             try:
-                digest = loc.download(rel, path)
+                digest = loc.download(rel, path, expected_sha256=sha256)
             finally:
                 with self._lock:
                     self._reserved -= size
             with self._lock:
                 self.downloaded_bytes += size
                 self.misses += 1
-            if digest != sha256 or path.stat().st_size != size:
-                path.unlink(missing_ok=True)
+            if digest != sha256:  # nothing was kept
                 raise CacheCorruptError(f"shard {loc.name(rel)}: the downloaded copy has sha256 {digest[:12]}..., "
                                         f"the manifest says {sha256[:12]}... (the object was modified or is "
                                         f"corrupt): run `rlkd verify {loc.url}`")

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+DOWNLOAD_SUFFIX = ".rlkd-download"
+"""Suffix of the temporary files :meth:`CacheLocation.download` writes (renamed away when complete)."""
 REMOTE_SCHEMES = ("s3", "gs", "hf")
 """URL schemes of object stores; ``file://`` and plain paths are local."""
 _SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs"}
@@ -446,11 +448,12 @@ class CacheLocation:
             except OSError:
                 pass
 
-    def download(self, rel: str, dest: Path, *, chunk: int = 8 << 20) -> str:
-        """Copy ``rel`` to the local file ``dest`` (written under a temporary name, renamed when complete) and
-        return its sha256. A failed transfer restarts from the beginning (on the next retry)."""
+    def download(self, rel: str, dest: Path, *, expected_sha256: str | None = None, chunk: int = 8 << 20) -> str:
+        """Copy ``rel`` to the local file ``dest`` and return its sha256. The copy is written under a temporary name
+        (``.NAME.<random>.rlkd-download``) and renamed when complete, and only if its sha256 is ``expected_sha256``
+        (when given): a bad copy never appears under ``dest``. A failed transfer restarts on the next retry."""
         dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.rlkd-download")
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}{DOWNLOAD_SUFFIX}")
 
         def copy():
             h = hashlib.sha256()
@@ -470,7 +473,10 @@ class CacheLocation:
             return h.hexdigest()
 
         digest = self._retrying("download", rel, copy)
-        os.replace(tmp, dest)
+        if expected_sha256 is not None and digest != expected_sha256:
+            tmp.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, dest)
         return digest
 
     def sha256(self, rel: str, *, chunk: int = 8 << 20) -> str:
