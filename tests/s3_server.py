@@ -63,9 +63,28 @@ class _Recorder:
         self.log: list[Request] = []
         self.faults = _Faults()
         self._lock = threading.Lock()
+        self.inflight = 0
+        self.max_inflight = 0
+        """Most GET requests served at once since the last ``reset_inflight()``."""
+
+    def reset_inflight(self) -> None:
+        with self._lock:
+            self.max_inflight = self.inflight
 
     def __call__(self, environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        if method != "GET":
+            return self._serve(environ, start_response, method, path)
+        with self._lock:
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return self._serve(environ, start_response, method, path)
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    def _serve(self, environ, start_response, method, path):
         delay = self.faults.stall(method, path)
         if delay:
             time.sleep(delay)  # a store that accepts the request and then says nothing

@@ -203,6 +203,20 @@ def test_ranged_reads_download_about_the_cache_once(local_cache, remote, s3_serv
     assert len(gets) == n_shards + n_groups and len(heads) <= n_shards, (len(gets), len(heads))
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_prefetch_keeps_at_most_n_reads_in_flight(local_cache, remote, s3_server, prefetch):
+    kw = dict(batch_size=4, seed=6)
+    reader = CacheReader(remote, prefetch=prefetch, **kw)
+    s3_server.stall_next(10_000, 0.05, match="shard-")  # every read takes a while, so reads overlap if they can
+    s3_server.recorder.reset_inflight()
+    try:
+        got = batches(reader)
+    finally:
+        s3_server.stall_next(0, 0.0)
+    assert_batches_equal(got, batches(CacheReader(local_cache, **kw)))
+    assert s3_server.recorder.max_inflight == max(1, prefetch)
+
+
 def test_server_restart_mid_epoch_is_retried_and_the_epoch_is_identical(local_cache, remote, s3_server):
     kw = dict(batch_size=3, seed=5, shuffle_buffer=9)
     want = batches(CacheReader(local_cache, **kw))
