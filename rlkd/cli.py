@@ -123,6 +123,7 @@ def cache_teacher_cmd(config_file, progress, use_ray, ray_address, replicas, **f
 
     file_values = load_yaml(config_file) if config_file else {}
     cfg = build_config(CacheTeacherConfig, file_values, flags, source=config_file or "flags")
+    _refuse_remote_output("--out", str(cfg.out))
     if not use_ray and (ray_address or replicas):
         raise click.UsageError("--ray-address and --replicas need --ray")
     errors: tuple = (TeacherNotFoundError, FormatError, CacheMismatchError, CacheLockedError, EngineError,
@@ -140,6 +141,15 @@ def cache_teacher_cmd(config_file, progress, use_ray, ray_address, replicas, **f
     click.echo(format_summary(summary), err=True)
 
 
+def _refuse_remote_output(flag: str, where: str) -> None:
+    """Stage 1 writes local folders only, for now: a URL would become a local folder named 's3:' (phase 2 of #15
+    moves the writer onto rlkd.cache.storage)."""
+    if "://" in where:
+        raise click.UsageError(f"{flag} {where.split('@')[-1]}: stage 1 writes to a local folder path for now, not "
+                               "a URL; write the cache locally and upload it (README: 'Where the cache lives'): "
+                               "train-student, verify and inspect read it from the URL")
+
+
 @main.command("cache-merge")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
@@ -153,6 +163,7 @@ def cache_merge_cmd(out, parts, allow_incomplete):
     """
     from rlkd.pipeline.merge import MergeError, merge_caches
 
+    _refuse_remote_output("OUT", out)
     try:
         m = merge_caches(out, list(parts), allow_incomplete=allow_incomplete)
     except MergeError as e:

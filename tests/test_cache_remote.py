@@ -414,6 +414,20 @@ def test_verify_and_inspect_json_on_s3(local_cache, remote):
     assert "rlkd-test-secret" not in res.output + str(got)  # the fixture's secret key never shows
 
 
+def test_stage1_refuses_a_url_it_cannot_write_yet(tiny_teacher_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from rlkd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    for args in (["cache-teacher", "--teacher", str(tiny_teacher_dir), "--dataset", "d.jsonl", "--out",
+                  "s3://bucket/cache"], ["cache-merge", "file:///tmp/x", str(tmp_path)]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "local folder path for now" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # no folder named 's3:' or 'file:'
+
+
 def test_verify_names_remote_objects_missing_and_unlisted(local_cache, remote, s3_bucket):
     shard = read_manifest(local_cache)["shards"][0]["file"]
     client = s3_bucket.client()
