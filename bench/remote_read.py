@@ -20,8 +20,9 @@ about 1x the cache's bytes, epoch 2 with the local cache about 0. Usage::
     python bench/remote_read.py --synthetic 2000000 --dir /tmp/rlkd-bench-remote   # a realistic synthetic cache
     python bench/remote_read.py --smoke                                            # seconds, tiny cache
 
-A moto server is pure Python and shares this process's cores, so it is a pessimistic stand-in for a real store on
-bandwidth, and an optimistic one on latency (no network round trip).
+The server (moto, pure Python) runs in its own process but shares the machine's cores with the reader, so it is a
+pessimistic stand-in for a real store on bandwidth and CPU, and an optimistic one on latency (no network round
+trip).
 """
 
 from __future__ import annotations
@@ -176,18 +177,19 @@ def main() -> None:
 
 
 def run(cache: Path, args, work: Path) -> dict:
-    import logging
+    import subprocess
+    from types import SimpleNamespace
 
     from rlkd.cache import CacheReader, read_manifest
-    from tests.s3_server import Bucket, S3Server
+    from tests.s3_server import Bucket, fetch_log
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = S3Server()
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+    # The server runs in its own process: a pure-Python server sharing the reader's GIL would slow both.
+    proc = subprocess.Popen([sys.executable, "-m", "tests.s3_server"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    endpoint = proc.stdout.readline().strip()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
     try:
-        bucket = Bucket("rlkd-bench", server)
+        bucket = Bucket("rlkd-bench", SimpleNamespace(endpoint=endpoint))
         bucket.client().create_bucket(Bucket=bucket.name)
         t0 = time.perf_counter()
         url = upload(cache, bucket, "cache")
@@ -196,8 +198,11 @@ def run(cache: Path, args, work: Path) -> dict:
         size = sum(s["bytes"] for s in manifest["shards"])
         kw = dict(batch_size=args.batch_size, shuffle=True, seed=0)
 
+        def log_size() -> int:
+            return len(fetch_log(endpoint))
+
         def served(since: int) -> int:
-            return sum(r.bytes for r in server.log[since:] if r.method == "GET" and "/shard-" in r.path)
+            return sum(r.bytes for r in fetch_log(endpoint)[since:] if r.method == "GET" and "/shard-" in r.path)
 
         arms = {
             "local": CacheReader(cache, prefetch=args.prefetch, **kw),
@@ -211,7 +216,7 @@ def run(cache: Path, args, work: Path) -> dict:
         positions = None
         for r in range(args.rounds):
             for name, reader in arms.items():
-                since = len(server.log)
+                since = log_size()
                 n, s = epoch(reader, r)
                 positions = positions or n
                 assert n == positions, f"{name} read {n} positions, {positions} expected"
@@ -221,7 +226,7 @@ def run(cache: Path, args, work: Path) -> dict:
             lc = work / f"local-cache-{r}"
             cached = CacheReader(url, prefetch=args.prefetch, local_cache=lc, **kw)
             for e, name in ((0, "remote_cached_epoch1"), (1, "remote_cached_epoch2")):
-                since = len(server.log)
+                since = log_size()
                 n, s = epoch(cached, e)
                 assert n == positions
                 best[name] = max(best.get(name, 0.0), n / s)
@@ -230,7 +235,8 @@ def run(cache: Path, args, work: Path) -> dict:
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v:,.0f}" for k, v in best.items())
                   + " positions/s (best so far)", flush=True)
     finally:
-        server.stop()
+        proc.terminate()
+        proc.wait()
     return {
         "cache_bytes": size, "shards": len(manifest["shards"]), "positions": positions,
         "row_groups": sum(len(s.get("row_group_rows", [])) for s in manifest["shards"]),

@@ -13,6 +13,7 @@ Nothing here mocks a client: the code under test talks HTTP to a server listenin
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -73,6 +74,11 @@ class _Recorder:
 
     def __call__(self, environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        if path == LOG_PATH:  # the request log, for a server run in another process (benchmarks)
+            with self._lock:
+                body = json.dumps([[r.method, r.path, r.status, r.bytes] for r in self.log]).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
         if method != "GET":
             return self._serve(environ, start_response, method, path)
         with self._lock:
@@ -163,6 +169,18 @@ class S3Server:
         return [r for r in list(self.log) if r.method == "GET" and match in r.path and r.status < 300]
 
 
+LOG_PATH = "/_rlkd/request-log"
+"""GET this path for the request log as JSON ``[[method, path, status, bytes], ...]``."""
+
+
+def fetch_log(endpoint: str) -> list[Request]:
+    """The request log of a server started with ``python -m tests.s3_server`` (in another process)."""
+    from urllib.request import urlopen
+
+    with urlopen(endpoint + LOG_PATH) as r:
+        return [Request(*row) for row in json.loads(r.read())]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -234,4 +252,25 @@ def flip_byte(bucket: Bucket, key: str, offset: int) -> None:
     client.put_object(Bucket=bucket.name, Key=key, Body=bytes(data))
 
 
-__all__ = ["S3Server", "Bucket", "s3_server", "s3_bucket", "upload_dir", "flip_byte"]
+def main() -> None:
+    """``python -m tests.s3_server [--port N]``: serve until killed, in its own process (and its own GIL: a
+    benchmark should not share an interpreter with a pure-Python server). Prints the endpoint."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+    server = S3Server()
+    if args.port:
+        server.port = args.port
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server.start()
+    print(server.endpoint, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
+
