@@ -133,8 +133,12 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        import logging
+
         from moto.moto_server.werkzeug_app import MotoRequestHandler
         from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise; see .log instead
 
         self._server = make_server("127.0.0.1", self.port, self.recorder, threaded=True,
                                    request_handler=MotoRequestHandler)
@@ -263,9 +267,6 @@ def main() -> None:
     server = S3Server()
     if args.port:
         server.port = args.port
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server.start()
     print(server.endpoint, flush=True)
     threading.Event().wait()
