@@ -339,7 +339,8 @@ def render(m: dict, runs: list[dict], rows: list[dict], a: argparse.Namespace, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run in minutes")
-    ap.add_argument("--only", default=None, help="comma-separated subset of: cache,stage1,stage2,loss_memory,remote_read,inspect")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: cache,stage1,stage2,loss_memory,remote_read,inspect")
     ap.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER, help="[%(default)s]")
     ap.add_argument("--dolly", type=Path, default=DOLLY, help="folder with train.jsonl and dev.jsonl [%(default)s]")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench", help="logs and outputs [%(default)s]")

@@ -172,11 +172,6 @@ class ShardOpener:
         self.loc = loc
         self.local_cache = local_cache if not loc.is_local else None  # a local cache needs no copy
 
-    @property
-    def remote_ranged(self) -> bool:
-        """True when row groups are read by ranged requests (an object store without a local cache)."""
-        return not self.loc.is_local and self.local_cache is None
-
     def local_file(self, rel: str, entry: dict) -> Path | None:
         """The local file holding ``rel`` (the cache's own, or its local-cache copy), or None (ranged reads)."""
         path = self.loc.local_path(rel)

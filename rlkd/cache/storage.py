@@ -40,8 +40,6 @@ from urllib.parse import urlsplit
 
 DOWNLOAD_SUFFIX = ".rlkd-download"
 """Suffix of the temporary files :meth:`CacheLocation.download` writes (renamed away when complete)."""
-REMOTE_SCHEMES = ("s3", "gs", "hf")
-"""URL schemes of object stores; ``file://`` and plain paths are local."""
 _SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs"}
 
 
