@@ -97,6 +97,17 @@ def _mem(res: dict, run: str, key: str) -> float:
     return res["memory"]["runs"][run][f"tensors_{key}"]
 
 
+def _trainer_rate(stage2_work: Path) -> list[str]:
+    """``--trainer-positions-per-s`` from this run's stage2 result, when there is one."""
+    for name in ("stage2-all.json", "stage2.json"):
+        try:
+            rate = json.loads((stage2_work / name).read_text())["steps"]["trainer_positions_per_s"]
+            return ["--trainer-positions-per-s", str(rate)]
+        except (OSError, KeyError, ValueError):
+            continue
+    return []
+
+
 def _le(x: float) -> Callable[[float], bool]:
     return lambda v: v <= x
 
@@ -165,6 +176,20 @@ def benches(a: argparse.Namespace) -> list[Bench]:
                       lambda r: r["chunked_kd_rank / naive_kd_rank"], "≤ 0.5", _le(0.5)),
                Figure("chunked KD+rank ÷ chunked CE peak memory (LM head + loss only)",
                       lambda r: r["chunked_kd_rank / chunked_ce"], "≤ 1.2", _le(1.2))]),
+        Bench("remote_read", "remote_read.py",
+              lambda a, w: ["--dolly", "60" if q else "800", "--teacher", teacher, "--data",
+                            str(a.dolly / "train.jsonl"), "--shard-mb", "2", "--row-group-rows", "32",
+                            "--rounds", "1" if q else "5", "--dir", str(w), "--json", str(w / "remote_read.json")]
+              + _trainer_rate(w.parent / "stage2"),
+              _json_file("remote_read.json"),
+              [Figure("remote (local S3 server) ÷ local reader positions/s, prefetch 4",
+                      lambda r: r["remote_over_local"], "≥ 0.8", _ge(0.8)),
+               Figure("remote reader ÷ trainer rate (positions/s)", lambda r: r["remote_over_trainer"], "≥ 20×",
+                      _ge(20), fmt="{:,.0f}×"),
+               Figure("bytes downloaded in epoch 1 ÷ cache size (ranged reads)",
+                      lambda r: r["epoch1_bytes_over_cache"], "≈ 1 (≤ 1.1)", _le(1.1)),
+               Figure("bytes downloaded in epoch 2 with --local-cache ÷ cache size",
+                      lambda r: r["epoch2_cached_bytes_over_cache"], "≈ 0 (≤ 0.01)", _le(0.01))]),
         Bench("inspect", "inspect_speed.py",
               lambda a, w: ["--positions", "100000" if q else "1000000", "--dir", str(w)],
               _json_blob,
@@ -314,7 +339,8 @@ def render(m: dict, runs: list[dict], rows: list[dict], a: argparse.Namespace, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run in minutes")
-    ap.add_argument("--only", default=None, help="comma-separated subset of: cache,stage1,stage2,loss_memory,inspect")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: cache,stage1,stage2,loss_memory,remote_read,inspect")
     ap.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER, help="[%(default)s]")
     ap.add_argument("--dolly", type=Path, default=DOLLY, help="folder with train.jsonl and dev.jsonl [%(default)s]")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench", help="logs and outputs [%(default)s]")

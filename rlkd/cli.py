@@ -94,6 +94,7 @@ def cache_teacher_cmd(config_file, **flags):
     from rlkd.pipeline.stats import format_summary
 
     cfg = _config(CacheTeacherConfig, flags, config_file)
+    _refuse_remote_output("--out", str(cfg.out))
     resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # a wrong --teacher fails before --out is created
     if cfg.verbose:
         check_cache_dir(cfg.out, "--out")
@@ -119,10 +120,13 @@ def cache_teacher_cmd(config_file, **flags):
     click.echo(format_summary(summary), err=True)
 
 
-def _console():
-    from rlkd.logs import console
-
-    return console()
+def _refuse_remote_output(flag: str, where: str) -> None:
+    """Stage 1 writes local folders only, for now: a URL would become a local folder named 's3:' (phase 2 of #15
+    moves the writer onto rlkd.cache.storage)."""
+    if "://" in where:
+        raise click.UsageError(f"{flag} {where.split('@')[-1]}: stage 1 writes to a local folder path for now, not "
+                               "a URL; write the cache locally and upload it (README: 'Where the cache lives'): "
+                               "train-student, verify and inspect read it from the URL")
 
 
 @main.command("cache-merge")
@@ -137,6 +141,7 @@ def cache_merge_cmd(**flags):
     from rlkd.pipeline.merge import merge_caches
 
     opts = _config(MergeOptions, flags)
+    _refuse_remote_output("OUT", opts.out)
     m = merge_caches(opts.out, opts.parts, allow_incomplete=opts.allow_incomplete)
     click.echo(f"merged {len(opts.parts)} part(s) into {opts.out}: {len(m['shards'])} shard(s), {m['rows']:,} rows, "
                f"{m['tokens']:,} tokens")
@@ -186,6 +191,8 @@ def _inspect_help() -> str:
         "  rlkd inspect CACHE --row N [--positions A:B]    one row, position by position, with the teacher's peaks\n"
         "  rlkd inspect CACHE --html report.html [--rows 0,3,10-12]   self-contained HTML report\n"
         "  rlkd inspect CACHE --student PATH [--sample N]  the student's peak agreement, sparse KL and CE\n"
+        "\nCACHE is a folder or a URL (s3://bucket/prefix, gs://, hf://datasets/...; credentials from the "
+        "environment).\n"
         "\n"
         "Student metrics (the RLKD paper's, per position with S_k / T_k the student's / teacher's top k): cr@k, "
         "S_k equals T_k in order; or@k = |S_k ∩ T_k| / k, the paper's per-position OR@k, reported as its mean mor@k "
@@ -230,7 +237,8 @@ def inspect_cmd(**flags):
 @main.command("verify")
 @config_options(VerifyOptions, config_file=False)
 def verify(**flags):
-    """Check a cache against its manifest (sha256, sizes, rows, schema, version); exit 0 only when clean.
+    """Check a cache (folder or URL) against its manifest (sha256, sizes, rows, schema, version); exit 0 only when
+    clean.
 
     All problems are reported at once. --repair fixes what a re-run of stage 1 can make good again.
     """

@@ -62,17 +62,26 @@ def manifest_path(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / MANIFEST_NAME
 
 
-def read_manifest(cache_dir: str | Path) -> dict:
-    """Load ``manifest.json`` from ``cache_dir``, with errors that say what is wrong and what to do."""
-    path = manifest_path(cache_dir)
-    if not Path(cache_dir).is_dir():
-        raise CacheNotFoundError(f"cache directory {cache_dir} does not exist")
-    if not path.is_file():
-        raise CacheNotFoundError(
-            f"{path} not found: {cache_dir} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
-            "opened it yet")
+def read_manifest(cache_dir) -> dict:
+    """Load ``manifest.json`` from ``cache_dir`` (a path, a URL or a :class:`~rlkd.cache.storage.CacheLocation`),
+    with errors that say what is wrong and what to do."""
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
+    path = loc.name(MANIFEST_NAME)
+    if loc.is_local and not loc.local_path().is_dir():
+        raise CacheNotFoundError(f"cache directory {loc} does not exist")
     try:
-        manifest = json.loads(path.read_text())
+        data = loc.read_bytes(MANIFEST_NAME)
+    except (FileNotFoundError, IsADirectoryError):
+        if not loc.is_local and not loc.is_dir():
+            raise CacheNotFoundError(f"{loc}: no cache there (no object under that prefix, or no such bucket)") \
+                from None
+        raise CacheNotFoundError(
+            f"{path} not found: {loc} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
+            "opened it yet") from None
+    try:
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheCorruptError(
             f"{path} is not valid JSON ({e}). rlkd replaces it atomically, so something else modified it, and the "
@@ -81,6 +90,16 @@ def read_manifest(cache_dir: str | Path) -> dict:
     if not isinstance(manifest, dict):
         raise CacheCorruptError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
     return manifest
+
+
+def shard_files(cache_dir) -> list[str]:
+    """The full name (path or URL) of every shard the manifest lists, in manifest order: the ``data_files`` for
+    ``datasets.load_dataset("parquet", data_files=...)``. (A ``*.parquet`` glob could also pick up a shard that a
+    crashed writer left unlisted, whose rows the manifest does not vouch for.)"""
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
+    return [loc.name(s["file"]) for s in read_manifest(loc).get("shards", [])]
 
 
 def write_manifest(cache_dir: str | Path, manifest: dict) -> None:
@@ -175,9 +194,12 @@ def max_cached_id(cache_dir: str | Path, manifest: dict) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
     largest = -1
     for shard in manifest.get("shards", []):
-        table = pq.read_table(Path(cache_dir) / shard["file"], columns=["topk_ids", "input_ids"])
+        table = pq.read_table(loc.path(shard["file"]), filesystem=loc.fs, columns=["topk_ids", "input_ids"])
         for name in ("topk_ids", "input_ids"):
             values = pc.list_flatten(table.column(name))
             if len(values):

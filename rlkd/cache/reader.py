@@ -17,17 +17,22 @@ computed up front as a permutation of row indices (no data read). Resuming only 
 emitted: :meth:`CacheReader.state_dict` is ``{epoch, position, ...}``, and a resumed reader reads just the row groups
 that still hold un-emitted rows. Memory stays bounded by the buffer plus one row group.
 
-Integrity: on construction every shard's size is checked against the manifest (catches truncation and missing
-files); a shard's schema is checked when it is first opened; Parquet page CRCs are verified on every read (catches
-flipped bytes in data). The full sha256 check is ``verify_cache`` / ``rlkd verify`` (or ``check_sha256=True``).
+Where the cache lives does not change any of this: ``cache_dir`` is a path or a URL (``s3://``, ``gs://``, ...) and
+:mod:`rlkd.cache.shard_io` fetches the row groups (ranged reads, or whole shards into an optional local disk cache),
+``prefetch`` of them in flight at once; transient store failures are retried (:mod:`rlkd.cache.storage`).
+
+Integrity: on construction every shard's size is checked against the manifest (one listing; catches truncation and
+missing files); a shard's schema is checked when it is first opened; Parquet page CRCs are verified on every read
+(catches flipped bytes in data). The full sha256 check is ``verify_cache`` / ``rlkd verify`` (or ``check_sha256=True``).
 Errors are :class:`CacheCorruptError` naming the shard.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -36,6 +41,8 @@ import pyarrow.parquet as pq
 from rlkd.cache.codec import CODEC_COLUMNS, DecodedBlock, arrow_schema
 from rlkd.cache.manifest import CacheCorruptError, read_manifest
 from rlkd.cache.schema import CODECS, FORMAT_VERSION, TeacherRow
+from rlkd.cache.shard_io import GB, LocalShardCache, ShardOpener
+from rlkd.cache.storage import CacheLocation, RetryPolicy, StorageError
 
 STATE_VERSION = 1
 
@@ -77,74 +84,93 @@ def shard_schema_problems(pf: pq.ParquetFile, codec: str, k: int, rel: str) -> l
 
 
 class _Shards:
-    """Opens shards lazily (a few at a time) and reads row groups, turning every failure into CacheCorruptError."""
+    """Opens shards lazily and reads row groups, turning every failure into CacheCorruptError (or StorageError when
+    the store cannot be reached). Safe to call from several threads: each read gets its own file handle."""
 
-    def __init__(self, cache_dir: Path, manifest: dict, check_sha256: bool, max_open: int = 4):
-        self.cache_dir = cache_dir
+    def __init__(self, loc: CacheLocation, manifest: dict, check_sha256: bool,
+                 local_cache: LocalShardCache | None = None, max_meta: int = 1024):
+        self.loc = loc
         self.manifest = manifest
         self.codec = manifest["codec"]
         self.k = int(manifest["k"])
         self.entries = manifest["shards"]
         self.check_sha256 = check_sha256
-        self.max_open = max_open
-        self._open: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self.opener = ShardOpener(loc, local_cache)
+        self.max_meta = max_meta
+        self._meta: OrderedDict[int, pq.FileMetaData] = OrderedDict()
+        self._lock = threading.Lock()
+        self._opening: dict[int, threading.Lock] = {}
+        sizes = loc.list_files() if self.entries else {}  # one listing, not one request per shard
         for e in self.entries:
-            path = cache_dir / e["file"]
-            if not path.is_file():
-                raise CacheCorruptError(f"shard {e['file']} is listed in {cache_dir}/manifest.json but missing; "
-                                        f"restore it, or run `rlkd verify {cache_dir}`")
-            size = path.stat().st_size
+            size = sizes.get(e["file"])
+            if size is None:
+                raise CacheCorruptError(f"shard {loc.name(e['file'])} is listed in {loc.name('manifest.json')} "
+                                        f"but missing; restore it, or run `rlkd verify {loc}`")
             if size != e["bytes"]:
-                raise CacheCorruptError(f"shard {e['file']} in {cache_dir} has {size} bytes, the manifest says "
-                                        f"{e['bytes']}: it is truncated or was modified (`rlkd verify {cache_dir}`)")
+                raise CacheCorruptError(f"shard {loc.name(e['file'])} has {size} bytes, the manifest says "
+                                        f"{e['bytes']}: it is truncated or was modified (`rlkd verify {loc}`)")
 
     def row_group_rows(self, i: int) -> list[int]:
         e = self.entries[i]
         if "row_group_rows" in e:
             return [int(n) for n in e["row_group_rows"]]
-        md = self.file(i).metadata
+        md = self.metadata(i)
         return [md.row_group(j).num_rows for j in range(md.num_row_groups)]
 
-    def file(self, i: int) -> pq.ParquetFile:
-        if i in self._open:
-            self._open.move_to_end(i)
-            return self._open[i]
+    def metadata(self, i: int) -> pq.FileMetaData:
+        """Shard ``i``'s footer, checked against the manifest the first time (kept for the next reads)."""
+        with self._lock:
+            if i in self._meta:
+                self._meta.move_to_end(i)
+                return self._meta[i]
+            opening = self._opening.setdefault(i, threading.Lock())
+        with opening:  # one thread opens a shard; the others wait for it, and other shards open in parallel
+            with self._lock:
+                if i in self._meta:
+                    return self._meta[i]
+            md = self._open(i)
+            with self._lock:
+                self._meta[i] = md
+                while len(self._meta) > self.max_meta:
+                    self._meta.popitem(last=False)
+            return md
+
+    def _open(self, i: int) -> pq.FileMetaData:
         e = self.entries[i]
-        path = self.cache_dir / e["file"]
+        name = self.loc.name(e["file"])
         try:
             if self.check_sha256:
+                path = self.opener.local_file(e["file"], e)
                 from rlkd.fsutil import file_sha256
 
-                if file_sha256(path) != e["sha256"]:
-                    raise CacheCorruptError(f"shard {e['file']} in {self.cache_dir}: sha256 differs from the "
-                                            "manifest (corrupted); run `rlkd verify` and regenerate it")
-            pf = pq.ParquetFile(path, page_checksum_verification=True, memory_map=False)
-        except CacheCorruptError:
+                digest = file_sha256(path) if path is not None else self.loc.sha256(e["file"])
+                if digest != e["sha256"]:
+                    raise CacheCorruptError(f"shard {name}: sha256 differs from the manifest (corrupted); run "
+                                            "`rlkd verify` and regenerate it")
+            pf = self.opener.open(e["file"], e)
+        except (CacheCorruptError, StorageError):
             raise
         except Exception as err:  # noqa: BLE001 - a damaged footer raises anything (even UnicodeDecodeError)
-            raise CacheCorruptError(f"shard {e['file']} in {self.cache_dir} cannot be opened ({err}); it is "
-                                    f"corrupt or truncated: run `rlkd verify {self.cache_dir}`") from err
+            raise CacheCorruptError(f"shard {name} cannot be opened ({err}); it is corrupt or truncated: run "
+                                    f"`rlkd verify {self.loc}`") from err
         problems = shard_schema_problems(pf, self.codec, self.k, e["file"])
         if pf.metadata.num_rows != e["rows"]:
             problems.append(f"shard {e['file']}: {pf.metadata.num_rows} rows, the manifest says {e['rows']}")
         if problems:
             raise CacheCorruptError("; ".join(problems))
-        self._open[i] = pf
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)
-        return pf
+        return pf.metadata
 
     def read(self, i: int, rg: int, columns: list[str] | None = None) -> DecodedBlock:
         e = self.entries[i]
         try:
-            table = self.file(i).read_row_group(rg, columns=columns, use_threads=False)
+            pf = self.opener.open(e["file"], e, metadata=self.metadata(i))
+            table = pf.read_row_group(rg, columns=columns, use_threads=False)
             return DecodedBlock(table, self.codec)
-        except CacheCorruptError:
+        except (CacheCorruptError, StorageError):
             raise
         except Exception as err:  # noqa: BLE001 - damaged pages raise many exception types
-            raise CacheCorruptError(f"shard {e['file']} in {self.cache_dir}, row group {rg}, cannot be read "
-                                    f"({err}); it is corrupt: run `rlkd verify {self.cache_dir}` and regenerate "
-                                    "it") from err
+            raise CacheCorruptError(f"shard {self.loc.name(e['file'])}, row group {rg}, cannot be read ({err}); "
+                                    f"it is corrupt: run `rlkd verify {self.loc}` and regenerate it") from err
 
 
 def buffer_shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -186,8 +212,19 @@ class CacheReader:
         epoch: the starting epoch; :meth:`set_epoch` changes it.
         drop_last: skip a final partial batch.
         check_sha256: hash each shard when first opened (a full extra read; ``rlkd verify`` does it offline).
-        prefetch: row groups a background thread reads and decodes ahead (0: read in the caller's thread).
-            Parquet decompression releases the GIL, so reading overlaps with the training step.
+        prefetch: row groups read and decoded ahead of the consumer by as many background threads (0: read in the
+            caller's thread). Parquet decompression and Arrow's I/O release the GIL, so reading overlaps with the
+            training step; from object storage the requests are in flight together, which hides their latency.
+            With a local cache, the first row group of a shard downloads the whole shard, so up to ``prefetch``
+            shards download at once.
+        local_cache: a folder for whole-shard copies of a remote cache (ignored for a local cache), so later epochs
+            read from local disk; a :class:`~rlkd.cache.shard_io.LocalShardCache` may be shared by readers.
+        local_cache_gb: the local cache's size budget in GB (10^9 bytes), least recently used shards out first.
+        retry: how transient read failures are retried (default :class:`~rlkd.cache.storage.RetryPolicy`).
+
+    ``cache_dir`` may be a plain path or a URL (``s3://``, ``gs://``, ``file://``, ``hf://datasets/``; see
+    :mod:`rlkd.cache.storage`). The order, the split over ranks and :meth:`state_dict` do not depend on where the
+    cache lives or on prefetching: a local and a remote copy of one cache yield identical batches.
 
     ``set_epoch(e)`` with a new ``e`` restarts at the beginning of epoch ``e``; with the current epoch it changes
     nothing (so ``load_state_dict`` followed by ``set_epoch(state_epoch)`` still resumes). A finished pass leaves the
@@ -196,7 +233,9 @@ class CacheReader:
 
     def __init__(self, cache_dir, batch_size: int = 8, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1024, epoch: int = 0, drop_last: bool = False,
-                 check_sha256: bool = False, prefetch: int = 2):
+                 check_sha256: bool = False, prefetch: int = 2,
+                 local_cache: str | os.PathLike | LocalShardCache | None = None, local_cache_gb: float = 100.0,
+                 retry: RetryPolicy | None = None):
         problems = []
         if batch_size < 1:
             problems.append(f"batch_size={batch_size} must be >= 1")
@@ -204,10 +243,16 @@ class CacheReader:
             problems.append(f"rank={rank} must lie in [0, world_size={world_size})")
         if shuffle_buffer < 0:
             problems.append(f"shuffle_buffer={shuffle_buffer} must be >= 0")
+        if prefetch < 0:
+            problems.append(f"prefetch={prefetch} must be >= 0")
+        if not local_cache_gb > 0:
+            problems.append(f"local_cache_gb={local_cache_gb} must be > 0")
         if problems:
             raise ValueError("CacheReader: " + "; ".join(problems))
-        self.cache_dir = Path(cache_dir)
-        self.manifest = read_manifest(self.cache_dir)
+        self.location = CacheLocation.parse(cache_dir, retry=retry)
+        """Where the cache lives (:class:`~rlkd.cache.storage.CacheLocation`); its ``stats`` count remote bytes."""
+        self.cache_dir = self.location.url
+        self.manifest = read_manifest(self.location)
         problems = check_manifest(self.manifest, self.cache_dir)
         if problems:
             raise CacheCorruptError("; ".join(problems))
@@ -220,8 +265,11 @@ class CacheReader:
         self.world_size = int(world_size)
         self.shuffle_buffer = int(shuffle_buffer)
         self.drop_last = bool(drop_last)
-        self.prefetch = max(0, int(prefetch))
-        self._shards = _Shards(self.cache_dir, self.manifest, check_sha256)
+        self.prefetch = int(prefetch)
+        if isinstance(local_cache, (str, os.PathLike)):
+            local_cache = LocalShardCache(local_cache, int(local_cache_gb * GB))
+        self.local_cache = local_cache if not self.location.is_local else None
+        self._shards = _Shards(self.location, self.manifest, check_sha256, self.local_cache)
         # Units: (shard index, row group index, rows), in file order.
         units = []
         for i in range(len(self._shards.entries)):
@@ -331,7 +379,7 @@ class CacheReader:
             blocks.close()
 
     def _blocks(self, load_seq: np.ndarray) -> Iterator[tuple[int, DecodedBlock]]:
-        """Decoded row groups of ``load_seq`` (piece indices), read ahead by a thread when ``prefetch > 0``."""
+        """Decoded row groups of ``load_seq`` (piece indices), read ahead by a thread pool when ``prefetch > 0``."""
         def read(p):
             shard, rg = int(self._pieces[p, 0]), int(self._pieces[p, 1])
             return self._shards.read(shard, rg)
@@ -340,38 +388,29 @@ class CacheReader:
             for p in load_seq.tolist():
                 yield p, read(p)
             return
-        import queue
-        import threading
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
 
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def work():
-            for p in load_seq.tolist():
-                try:
-                    item = (p, read(p))
-                except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-                    item = (None, e)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set() or item[0] is None:
-                    return
-
-        thread = threading.Thread(target=work, name="rlkd-cache-prefetch", daemon=True)
-        thread.start()
+        # ``prefetch`` reads in flight, handed out in plan order: memory stays at ``prefetch`` decoded row groups.
+        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="rlkd-cache-prefetch")
+        todo = iter(load_seq.tolist())
+        inflight: deque = deque()
         try:
-            for _ in range(len(load_seq)):
-                p, item = q.get()
-                if p is None:
-                    raise item
-                yield p, item
+            for p in todo:
+                inflight.append((p, pool.submit(read, p)))
+                if len(inflight) >= self.prefetch:
+                    break
+            while inflight:
+                p, future = inflight.popleft()
+                block = future.result()  # re-raises a failed read here, in the consumer's thread
+                nxt = next(todo, None)
+                if nxt is not None:
+                    inflight.append((nxt, pool.submit(read, nxt)))
+                yield p, block
+                del block
         finally:
-            stop.set()
-            thread.join()
+            # An abandoned pass (break, error) cancels what has not started; running reads finish on their own.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[list[TeacherRow]]:
         batch: list[TeacherRow] = []

@@ -21,16 +21,19 @@ the cache incomplete, so re-running stage 1 scores exactly their rows again.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlkd.cache.codec import DecodedBlock
 from rlkd.cache.manifest import CacheCorruptError, read_manifest, set_max_token_id, vocab_limit, write_manifest
 from rlkd.cache.reader import check_manifest, shard_schema_problems
 from rlkd.cache.schema import TeacherRow
+from rlkd.cache.storage import CacheLocation
 
 MASS_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "q8": 0.05}
 """Allowed excess of decoded top-k mass over 1, and |top-k mass + tail mass - 1|, per codec. q8's 1/32-nat
@@ -111,14 +114,18 @@ def _row_invariants(r: TeacherRow, k: int, vocab: int | None, codec: str) -> lis
 def verify_report(cache_dir, deep: bool = False) -> dict:
     """Run every check and return ``{"problems": [...], "damaged": {shard: [its problems]}, "shards", "rows",
     "positions", "bytes", "deep"}``. ``damaged`` holds the listed shards that are missing or whose own content is
-    wrong (what :func:`repair_cache` moves aside); problems of the manifest as a whole are only in ``problems``."""
-    cache_dir = Path(cache_dir)
+    wrong (what :func:`repair_cache` moves aside); problems of the manifest as a whole are only in ``problems``.
+
+    ``cache_dir`` is a path or a URL; problems name shards by their full name (``s3://bucket/prefix/shard-...``).
+    A remote shard is read once, whole, into memory: the hash and the Parquet checks share that read."""
     problems: list[str] = []
     damaged: dict[str, list[str]] = {}
     report = {"cache": str(cache_dir), "deep": deep, "problems": problems, "damaged": damaged, "shards": 0,
               "rows": 0, "positions": 0, "bytes": 0}
     try:
-        manifest = read_manifest(cache_dir)
+        loc = CacheLocation.parse(cache_dir)
+        manifest = read_manifest(loc)
+        listing = loc.list_files()
     except Exception as e:  # noqa: BLE001 - any unreadable manifest is a problem to report, not a crash
         problems.append(str(e))
         return report
@@ -144,36 +151,39 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
     listed = set()
     seen_ids: dict[str, str] = {}
     totals = {"rows": 0, "positions": 0, "tokens": 0, "bytes": 0}
-    from rlkd.fsutil import file_sha256
-
     def bad(rel: str, msg: str) -> None:
         damaged.setdefault(rel, []).append(msg)
-        problems.append(f"shard {rel}: {msg}")
+        problems.append(f"shard {loc.name(rel)}: {msg}")
 
     for e in entries:
         rel = e["file"]
+        name = loc.name(rel)
         if rel in listed:
-            problems.append(f"shard {rel} is listed twice in the manifest")
+            problems.append(f"shard {name} is listed twice in the manifest")
             continue
         listed.add(rel)
         for key in totals:
             totals[key] += int(e.get(key, 0))
-        path = cache_dir / rel
-        if not path.is_file():
+        if rel not in listing:
             bad(rel, "missing")
             continue
-        size = path.stat().st_size
+        size = listing[rel]
         if size != e["bytes"]:
             bad(rel, f"{size} bytes, manifest says {e['bytes']} (truncated or modified)")
-        if file_sha256(path) != e["sha256"]:
+        try:
+            digest, source = _hash_and_source(loc, rel)
+        except OSError as err:  # StorageError: the store could not be read, retries spent
+            problems.append(f"shard {name}: cannot be read ({err})")
+            continue
+        if digest != e["sha256"]:
             bad(rel, "sha256 differs from the manifest (corrupted)")
         try:
-            pf = pq.ParquetFile(path, page_checksum_verification=True)
+            pf = pq.ParquetFile(source, page_checksum_verification=True)
         except Exception as err:  # noqa: BLE001 - a damaged footer raises anything
             bad(rel, f"not a readable Parquet file ({err})")
             continue
-        for msg in shard_schema_problems(pf, codec, k, rel):
-            bad(rel, msg.removeprefix(f"shard {rel}: "))
+        for msg in shard_schema_problems(pf, codec, k, name):
+            bad(rel, msg.removeprefix(f"shard {name}: "))
         md = pf.metadata
         if md.num_rows != e["rows"]:
             bad(rel, f"{md.num_rows} rows, manifest says {e['rows']}")
@@ -196,7 +206,8 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
             positions += int((lens - 1).sum())
             for j, rid in enumerate(table.column("row_id").to_pylist()):
                 if rid in seen_ids:
-                    problems.append(f"shard {rel}: row_id {rid} (row group {rg}, row {j}) also in {seen_ids[rid]}")
+                    problems.append(f"shard {name}: row_id {rid} (row group {rg}, row {j}) also in "
+                                    f"{seen_ids[rid]}")
                 else:
                     seen_ids[rid] = rel
             if deep:
@@ -222,12 +233,23 @@ def verify_report(cache_dir, deep: bool = False) -> dict:
     for key, value in totals.items():
         if key in manifest and key in ("rows", "positions", "bytes") and manifest[key] != value:
             problems.append(f"manifest total {key}={manifest[key]} but its shards add up to {value}")
-    for path in sorted(cache_dir.rglob("*.parquet")):
-        rel = path.relative_to(cache_dir).as_posix()
-        if rel not in listed:
-            problems.append(f"{rel} is not listed in the manifest (left by a crashed writer? reopening the writer "
-                            "adopts it; otherwise delete it)")
+    for rel in listing:
+        if rel.endswith(".parquet") and rel not in listed:
+            problems.append(f"{loc.name(rel)} is not listed in the manifest (left by a crashed writer? reopening the "
+                            "writer adopts it; otherwise delete it)")
     return report
+
+
+def _hash_and_source(loc: CacheLocation, rel: str):
+    """(sha256, what ``pq.ParquetFile`` opens): a local file is hashed and then opened by path; a remote object is
+    read once into memory and both come from that copy."""
+    path = loc.local_path(rel)
+    if path is not None:
+        from rlkd.fsutil import file_sha256
+
+        return file_sha256(path), path
+    data = loc.read_bytes(rel)
+    return hashlib.sha256(data).hexdigest(), pa.BufferReader(data)
 
 
 def verify_cache(cache_dir, deep: bool = False) -> list[str]:
@@ -248,6 +270,9 @@ def repair_cache(cache_dir, deep: bool = False) -> dict:
     from rlkd.cache.writer import DAMAGED_SUFFIX
     from rlkd.fsutil import utc_now
 
+    if not CacheLocation.parse(cache_dir).is_local:
+        raise CacheCorruptError(f"{cache_dir}: --repair changes files in place and works on a local cache only; copy "
+                                "the cache to local disk, repair it there, and resume stage 1 into that copy")
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
     mproblems = check_manifest(manifest, cache_dir)

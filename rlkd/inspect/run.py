@@ -18,7 +18,7 @@ class InspectOptions:
     """Options of ``rlkd inspect`` (one field per flag)."""
 
     cache: str = field(metadata={"argument": True})
-    """The cache directory (holds manifest.json)."""
+    """The cache directory (holds manifest.json), or its URL (``s3://bucket/prefix``, ...)."""
     sample: int | None = field(default=None, metadata={"metavar": "N"})
     """Summary over this many randomly chosen positions instead of all; with --student, score whole random rows
     until they hold at least this many positions."""
@@ -75,7 +75,11 @@ class InspectOptions:
             problem = html_path_problem(self.html)
             if problem:
                 problems.append(problem)
-        if not (Path(self.cache) / "manifest.json").is_file():
+        from rlkd.cache.storage import url_problem
+
+        if url_problem(self.cache):
+            problems.append(url_problem(self.cache))
+        elif "://" not in self.cache and not (Path(self.cache) / "manifest.json").is_file():
             problems.append(f"{self.cache} is not an rlkd cache (no manifest.json there)")
         return problems
 

@@ -78,7 +78,8 @@ class DataConfig:
     """Where the teacher targets come from and how they are batched."""
 
     cache: str
-    """The stage 1 cache folder (with ``manifest.json``)."""
+    """The stage 1 cache (with ``manifest.json``): a folder, or a URL such as ``s3://bucket/prefix`` (also
+    ``gs://``, ``file://``, read-only ``hf://datasets/...``); credentials come from the environment."""
     batch_size: int = 8
     """Rows per micro-batch (per rank)."""
     grad_accum: int = 1
@@ -89,7 +90,7 @@ class DataConfig:
     ``global_batch / (batch_size * N)``, which must be a whole number; the same global batch then gives the same
     training for any N."""
     eval_cache: str | None = None
-    """A separate cache to evaluate on. Mutually exclusive with ``eval_fraction``."""
+    """A separate cache (folder or URL) to evaluate on. Mutually exclusive with ``eval_fraction``."""
     eval_fraction: float = 0.0
     """Hold out this fraction of the training cache for evaluation, chosen by a hash of each row's ``row_id`` (so the
     same rows are held out in every run and on every rank) and never trained on. 0 disables it."""
@@ -105,6 +106,16 @@ class DataConfig:
     """Train on a cache whose manifest says ``complete: false`` (stage 1 stopped early, or is still running): only
     the shards finished so far are read. Off: such a cache is refused, so a half-written cache is not trained on by
     mistake."""
+    prefetch: int = 4
+    """Row groups the cache reader fetches and decodes ahead of training, in parallel (0: read in the training
+    loop). From object storage this hides request latency; with ``local_cache``, up to this many shards download
+    at once."""
+    local_cache: str | None = None
+    """A local folder for whole-shard copies of a remote cache, so that later epochs read from disk, not the network
+    (checked against the manifest's sha256 on download; shareable by the ranks of one node). Ignored for a local
+    cache."""
+    local_cache_gb: float = 100.0
+    """Size budget of ``local_cache`` in GB (10^9 bytes); the least recently used shards are deleted beyond it."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -134,6 +145,13 @@ class DataConfig:
             problems.append(f"length_group must be >= 1, got {self.length_group}")
         if self.shuffle_buffer < 1:
             problems.append(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        from rlkd.cache.storage import url_problem
+
+        problems += [p for p in (url_problem(self.cache), url_problem(self.eval_cache or "")) if p]
+        if self.prefetch < 0:
+            problems.append(f"prefetch must be >= 0, got {self.prefetch}")
+        if not self.local_cache_gb > 0:
+            problems.append(f"local_cache_gb must be > 0, got {self.local_cache_gb}")
         return problems
 
 

@@ -168,9 +168,12 @@ def count_trainable_rows(cache_dir: str | Path, manifest: dict, eval_fraction: f
     import numpy as np
     import pyarrow.parquet as pq
 
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
     counts = {"rows": 0, "held_out": 0, "no_positions": 0, "trainable": 0}
     for shard in manifest.get("shards", []):
-        pf = pq.ParquetFile(Path(cache_dir) / shard["file"])
+        pf = pq.ParquetFile(loc.path(shard["file"]), filesystem=loc.fs)
         for rg in range(pf.metadata.num_row_groups):
             table = pf.read_row_group(rg, columns=["row_id", "loss_mask"])
             mask = table.column("loss_mask").combine_chunks()  # list<bool>, one (P,) list per row

@@ -138,8 +138,10 @@ def setup(cfg: TrainConfig) -> Run:
     check_student_fits_cache(cfg, tokenizer, student_config)
 
     # Every process reads the same global stream (rank 0 of 1) and takes its share of each step's window.
+    io = {"prefetch": cfg.data.prefetch, "local_cache": cfg.data.local_cache,
+          "local_cache_gb": cfg.data.local_cache_gb}  # how shards are fetched; never what is read, or in which order
     reader = CacheReader(cfg.data.cache, batch_size=cfg.data.batch_size, shuffle=True, seed=cfg.run.seed,
-                         shuffle_buffer=cfg.data.shuffle_buffer)
+                         shuffle_buffer=cfg.data.shuffle_buffer, **io)
     check_something_to_train(cfg, reader, say=lambda m: _say_rank0(ctx, m))
     if saved is not None:
         check_resume_matches(cfg, saved, resume_from, reader)
@@ -172,7 +174,7 @@ def setup(cfg: TrainConfig) -> Run:
     eval_reader = None
     if cfg.data.eval_cache or cfg.data.eval_fraction > 0:
         eval_reader = CacheReader(cfg.data.eval_cache or cfg.data.cache, batch_size=cfg.data.batch_size,
-                                  shuffle=False)
+                                  shuffle=False, **io)
 
     optimizer = _make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
