@@ -18,7 +18,7 @@ class _Group(click.Group):
     """Lists commands in the order of the pipeline, and turns config errors into clean messages."""
 
     def list_commands(self, ctx):
-        order = ["cache-teacher", "cache-merge", "train-student", "inspect", "verify", "make-student", "convert-teacher"]
+        order = ["cache-teacher", "cache-merge", "train-student", "eval", "inspect", "verify", "make-student", "convert-teacher"]
         return sorted(self.commands, key=lambda c: order.index(c) if c in order else len(order))
 
     def format_commands(self, ctx, formatter):
@@ -44,6 +44,7 @@ def main():
     \b
     Stage 1 (big GPU):    rlkd cache-teacher  runs the teacher once and writes its top-k to a Parquet cache.
     Stage 2 (small GPUs): rlkd train-student  trains a student from the cache alone.
+    Evaluation:           rlkd eval           generates with students and scores them (ROUGE-L, intervals).
     Viewer:               rlkd inspect        shows the cached peak distributions and a student's agreement.
     """
 
@@ -241,6 +242,100 @@ def train_student_cmd(config_file, nproc, **flags):
         raise click.ClickException(str(e)) from None
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"final student: {summary['final']} (step {summary['step']})")
+
+
+# ---- evaluation: eval (rlkd/eval) ------------------------------------------------------------------------------
+
+@main.command("eval")
+@click.argument("students", nargs=-1)
+@click.option("--dataset", help="Prompts + references: hub dataset id (with --split/--subset) or a local "
+                                ".jsonl/.json/.parquet/.csv, with stage 1's row shapes (messages | prompt+completion "
+                                "| instruction[+context]+response); the reference is the last assistant turn.")
+@click.option("--out", help="Output folder: NAME/generations.jsonl per student, scores.json, report.md; running "
+                            "again on it resumes.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file with any of these options (students: [...] too); flags override it.")
+@click.option("--split", help="Dataset split, slices allowed (test[:500]) [default: train].")
+@click.option("--subset", help="Hub dataset config name.")
+@click.option("--dataset-format", type=click.Choice(["json", "parquet", "csv", "arrow"]),
+              help="Force the loader for local files [default: from the suffix].")
+@click.option("--limit", type=int, help="Evaluate only the first N source rows (may be raised on a re-run).")
+@click.option("--messages-column", help="Chat column (list of {role, content}) [auto: messages].")
+@click.option("--prompt-column", help="Prompt column [auto: prompt].")
+@click.option("--completion-column", help="Completion column, the reference [auto: completion].")
+@click.option("--instruction-column", help="Instruction column [auto: instruction].")
+@click.option("--context-column", help="Context/input column [auto: context, else input].")
+@click.option("--response-column", help="Response column, the reference [auto: response, else output].")
+@click.option("--prompt-format", type=click.Choice(["auto", "chat", "plain"]),
+              help="As stage 1: each student's chat template, rlkd's plain format, or auto [default: auto].")
+@click.option("--max-prompt-length", type=int,
+              help="Skip rows whose formatted prompt is longer (counted) [default: 512 tokens].")
+@click.option("--max-new-tokens", type=int, help="Most tokens per answer [default: 256].")
+@click.option("--temperature", type=float, help="0 is greedy; above 0 samples [default: 0].")
+@click.option("--top-p", type=float, help="Nucleus sampling with --temperature > 0 [default: 1, off].")
+@click.option("--samples", type=int, help="Answers per prompt (needs --temperature > 0) [default: 1].")
+@click.option("--seed", type=int, help="Sampling seed; each row gets its own seed derived from it [default: 0].")
+@click.option("--batch-size", type=int, help="Prompts per engine call; saved after each [default: 32].")
+@click.option("--engine", type=click.Choice(["auto", "vllm", "hf"]),
+              help="vllm, hf (transformers generate) or auto (vLLM when installed) [default: auto].")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              help="Weights' dtype; use float32 on CPU [default: auto, the checkpoint's].")
+@click.option("--tensor-parallel-size", type=int, help="vLLM: GPUs to split each model over [default: 1].")
+@click.option("--gpu-memory-utilization", type=float, help="vLLM: GPU memory fraction [default: 0.85].")
+@click.option("--enforce-eager/--no-enforce-eager", default=None,
+              help="vLLM: skip compilation (use it on CPU and for short runs) [default: off].")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=None,
+              help="Run model/tokenizer code shipped with the checkpoint [default: off].")
+@click.option("--compare", type=click.Choice(["first", "all"]),
+              help="Paired differences: every student minus the first, or every pair [default: first].")
+@click.option("--bootstrap", type=int, help="Bootstrap resamples of the rows for 95%% intervals; 0: none [1000].")
+@click.option("--bootstrap-seed", type=int, help="Bootstrap seed [default: 0].")
+@click.option("--cache", help="Teacher cache: also report CR@k, MOR@k, top-1 agreement and sparse KL against it "
+                              "(the code of `rlkd inspect --student`); students must share its tokenizer.")
+@click.option("--cache-max-rows", type=int, help="With --cache: score at most this many of its rows.")
+@click.option("--progress/--no-progress", default=None, help="Show progress bars [default: on].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (schema: rlkd.eval/1).")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Print the result as Markdown tables.")
+def eval_cmd(students, config_file, as_json, as_markdown, **flags):
+    """Generate answers with one or more students and score them against the dataset's references.
+
+    \b
+    rlkd eval runs/kl/final runs/rlkd/final --dataset dolly-dev.jsonl --out runs/eval
+    rlkd eval teacher=TEACHER kl=runs/kl/final rlkd=runs/rlkd/final --dataset dolly-dev.jsonl \\
+        --out runs/eval --cache cache/dolly-dev --markdown
+    \b
+    Scores: ROUGE-L F (rouge-score, stemmed), exact match and "contains" (normalised text), mean answer length in
+    tokens and the share that hit --max-new-tokens; with --cache also the peak agreement with the teacher. Each
+    value has a 95% bootstrap interval over rows; the paired differences resample the same rows for every student.
+    Pass the teacher as a student to see the ceiling. Name students with NAME=PATH. Re-running resumes;
+    OUT/NAME/generations.jsonl (prompt and completion columns) is a valid `rlkd cache-teacher --dataset` input.
+    """
+    import json
+
+    from rlkd.config import build_config, load_yaml
+    from rlkd.eval.config import EvalConfig
+    from rlkd.eval.generate import GenerationError
+    from rlkd.eval.prompts import EvalDataError
+    from rlkd.eval.report import render_markdown, render_text
+    from rlkd.eval.run import EvalError, run_eval
+    from rlkd.eval.store import StoreError
+    from rlkd.pipeline.formatting import FormatError
+
+    if as_json and as_markdown:
+        raise click.UsageError("--json and --markdown both choose the output: give one")
+    file_values = load_yaml(config_file) if config_file else {}
+    cfg = build_config(EvalConfig, file_values, {**flags, "students": list(students) or None},
+                       source=config_file or "flags")
+    try:
+        report = run_eval(cfg, log=lambda msg: click.echo(msg, err=True))
+    except (EvalError, EvalDataError, FormatError, StoreError, GenerationError, ImportError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))
+    elif as_markdown:
+        click.echo(render_markdown(report), nl=False)
+    else:
+        click.echo(render_text(report), nl=False)
 
 
 # ---- viewer: inspect --------------------------------------------------------------------------------------------
