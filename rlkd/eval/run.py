@@ -110,8 +110,8 @@ def _model_context(s: Student, trust_remote_code: bool) -> int | None:
 
 # ---- checks before any generation -------------------------------------------------------------------------------
 
-def _check_students(cfg: EvalConfig, students: list[Student], generators: dict) -> dict[str, Any]:
-    """Tokenizers of every student (one error listing every student that cannot be loaded or used)."""
+def _check_students(cfg: EvalConfig, students: list[Student], generators: dict) -> tuple[dict[str, Any], list[str]]:
+    """Tokenizers of the students that can be loaded, and the problems with the others."""
     problems, tokenizers = [], {}
     for s in students:
         local = Path(s.path).expanduser()
@@ -131,20 +131,18 @@ def _check_students(cfg: EvalConfig, students: list[Student], generators: dict) 
         if context is not None and need > context:
             problems.append(f"student {s.name}: --max-prompt-length {cfg.max_prompt_length} + --max-new-tokens "
                             f"{cfg.max_new_tokens} = {need} tokens exceeds its context of {context}; lower one of them")
-    if problems:
-        raise EvalError(f"{len(problems)} problem(s) with the students:\n" + "\n".join(f"  - {p}" for p in problems))
-    return tokenizers
+    return tokenizers, problems
 
 
-def _check_cache(cfg: EvalConfig, students: list[Student], tokenizers: dict) -> dict:
-    """The cache's manifest, after checking its k and every student's tokenizer against it (all problems at once)."""
+def _check_cache(cfg: EvalConfig, students: list[Student], tokenizers: dict) -> tuple[dict | None, list[str]]:
+    """The cache's manifest, and the problems with its k and with each student's tokenizer against it."""
     from rlkd.cache import read_manifest
     from rlkd.cache.identity import TokenizerMismatchError, check_tokenizer_compatible
     from rlkd.inspect.student import AgreementError, check_cache_k
 
     if not (Path(cfg.cache) / "manifest.json").is_file():
-        raise EvalError(f"--cache {cfg.cache}: not an rlkd cache (no manifest.json there); give a folder written by "
-                        "`rlkd cache-teacher`")
+        return None, [f"--cache {cfg.cache}: not an rlkd cache (no manifest.json there); give a folder written by "
+                      "`rlkd cache-teacher`"]
     manifest = read_manifest(cfg.cache)
     problems = []
     try:
@@ -152,14 +150,14 @@ def _check_cache(cfg: EvalConfig, students: list[Student], tokenizers: dict) -> 
     except AgreementError as e:
         problems.append(str(e))
     for s in students:
+        if s.name not in tokenizers:
+            continue
         try:
             check_tokenizer_compatible(tokenizers[s.name], manifest.get("tokenizer") or {},
                                        where=f"--cache {cfg.cache}")
         except TokenizerMismatchError as e:
-            problems.append(f"student {s.name} ({s.path}): {e}")
-    if problems:
-        raise EvalError(f"{len(problems)} problem(s) with --cache:\n" + "\n".join(f"  - {p}" for p in problems))
-    return manifest
+            problems.append(f"student {s.name} ({s.path}) and --cache: {e}")
+    return manifest, problems
 
 
 def _check_same_rows(students: list[Student], kept: dict[str, set[int]]) -> None:
@@ -268,8 +266,13 @@ def run_eval(cfg: EvalConfig, *, generators: dict[str, Generator] | None = None,
     log = log or (lambda msg: print(msg, file=sys.stderr))
     progress = cfg.progress if progress is None else progress
     students = parse_students(cfg.students)
-    tokenizers = _check_students(cfg, students, generators)
-    manifest = _check_cache(cfg, students, tokenizers) if cfg.cache else None
+    tokenizers, problems = _check_students(cfg, students, generators)
+    manifest = None
+    if cfg.cache:
+        manifest, more = _check_cache(cfg, students, tokenizers)
+        problems += more
+    if problems:
+        raise EvalError(f"{len(problems)} problem(s) before generating:\n" + "\n".join(f"  - {p}" for p in problems))
     rouge = RougeL()  # fails now, not after the generations, when rouge-score is missing
 
     selection, identity = load_rows(cfg)
