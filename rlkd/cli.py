@@ -319,6 +319,7 @@ def eval_cmd(students, config_file, as_json, as_markdown, **flags):
     from rlkd.eval.report import render_markdown, render_text
     from rlkd.eval.run import EvalError, run_eval
     from rlkd.eval.store import StoreError
+    from rlkd.inspect.student import AgreementError
     from rlkd.pipeline.formatting import FormatError
 
     if as_json and as_markdown:
@@ -328,7 +329,7 @@ def eval_cmd(students, config_file, as_json, as_markdown, **flags):
                        source=config_file or "flags")
     try:
         report = run_eval(cfg, log=lambda msg: click.echo(msg, err=True))
-    except (EvalError, EvalDataError, FormatError, StoreError, GenerationError, ImportError) as e:
+    except (EvalError, EvalDataError, FormatError, StoreError, GenerationError, AgreementError, ImportError) as e:
         raise click.ClickException(str(e)) from None
     if as_json:
         click.echo(json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))

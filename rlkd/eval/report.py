@@ -23,7 +23,7 @@ without a bootstrap, a value is null when no row gives it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

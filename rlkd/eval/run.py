@@ -19,9 +19,10 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -152,6 +153,10 @@ def _check_cache(cfg: EvalConfig, students: list[Student], tokenizers: dict) -> 
     for s in students:
         if s.name not in tokenizers:
             continue
+        if not Path(s.path).expanduser().is_dir():
+            problems.append(f"student {s.name}: --cache scores local model folders only, and {s.path} is not one; "
+                            "download it first (e.g. `huggingface-cli download ID --local-dir DIR`) and pass DIR")
+            continue
         try:
             check_tokenizer_compatible(tokenizers[s.name], manifest.get("tokenizer") or {},
                                        where=f"--cache {cfg.cache}")
@@ -236,7 +241,7 @@ def _generate(cfg: EvalConfig, s: Student, store: GenerationStore, rows: list[Ev
                 lines.append([{
                     "row": r.source_index, "sample": j, "prompt": r.messages, "reference": r.reference,
                     "completion": tokenizer.decode(g.token_ids, skip_special_tokens=True),
-                    "tokens": len(g.token_ids), "prompt_tokens": int(len(p)), "hit_limit": g.hit_limit,
+                    "tokens": len(g.token_ids), "prompt_tokens": len(p), "hit_limit": g.hit_limit,
                 } for j, g in enumerate(samples)])
                 new_tokens += sum(len(g.token_ids) for g in samples)
             store.append(lines)
@@ -253,19 +258,26 @@ def _generate(cfg: EvalConfig, s: Student, store: GenerationStore, rows: list[Ev
 
 # ---- the run -------------------------------------------------------------------------------------------------------
 
-def run_eval(cfg: EvalConfig, *, generators: dict[str, Generator] | None = None, progress: bool | None = None,
-             log: Callable[[str], None] | None = None) -> dict:
-    """Evaluate ``cfg.students`` (see the module docstring). ``generators`` maps a student's path to an engine
-    already built (tests pass the session's vLLM engine); others are built, used and freed one at a time."""
-    from rlkd.config import config_to_dict
-    from rlkd.eval.agreement import AGREEMENT_METRICS, score_cache_rows, select_cache_rows
-    from rlkd.eval.report import as_json_metrics, render_markdown, summarize
-    from rlkd.pipeline.formatting import prompt_format_identity, resolve_prompt_format
+@dataclass
+class Prepared:
+    """What every student is asked: the rows, and each student's prompt ids for them."""
 
-    generators = dict(generators or {})
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    progress = cfg.progress if progress is None else progress
-    students = parse_students(cfg.students)
+    rows: list[EvalRow]
+    """Evaluated rows, in source order (the same for every student)."""
+    prompts: dict[str, dict[int, np.ndarray]]
+    """student name -> source index -> prompt token ids."""
+    tokenizers: dict[str, Any]
+    manifest: dict | None
+    """The --cache manifest, if any."""
+    identity: dict
+    """The dataset's identity (stage 1's dataset_identity)."""
+    rows_selected: int
+    skipped: dict
+    """reason -> rows skipped (dataset rows, then the first student's prompt encoding)."""
+
+
+def prepare(cfg: EvalConfig, students: list[Student], generators: dict) -> Prepared:
+    """Every check that can refuse the run, then the rows and prompts; nothing is generated yet."""
     tokenizers, problems = _check_students(cfg, students, generators)
     manifest = None
     if cfg.cache:
@@ -273,8 +285,6 @@ def run_eval(cfg: EvalConfig, *, generators: dict[str, Generator] | None = None,
         problems += more
     if problems:
         raise EvalError(f"{len(problems)} problem(s) before generating:\n" + "\n".join(f"  - {p}" for p in problems))
-    rouge = RougeL()  # fails now, not after the generations, when rouge-score is missing
-
     selection, identity = load_rows(cfg)
     prompts, kept, skipped = {}, {}, dict(selection.skipped)
     for s in students:
@@ -289,7 +299,59 @@ def run_eval(cfg: EvalConfig, *, generators: dict[str, Generator] | None = None,
     if not rows:
         raise EvalError(f"no row of {cfg.dataset} can be evaluated ({selection.source_rows} rows considered; "
                         f"skipped: {skipped or 'none'}); check the columns, --limit and --max-prompt-length")
+    return Prepared(rows, prompts, tokenizers, manifest, identity, selection.source_rows, skipped)
 
+
+def generate_and_score(cfg: EvalConfig, s: Student, prep: Prepared, engine: str, generator: Generator | None,
+                       rouge: RougeL, progress: bool) -> tuple[GenerationStore, dict[str, np.ndarray], float]:
+    """One student: generate what its folder lacks, then score every row (also written to NAME/scores.jsonl)."""
+    from rlkd.pipeline.formatting import prompt_format_identity, resolve_prompt_format
+
+    tok = prep.tokenizers[s.name]
+    fmt = prompt_format_identity(resolve_prompt_format(cfg.prompt_format, tok), tok)
+    settings = _settings(cfg, s, generator.name if generator is not None else engine, tok, prep.identity, fmt)
+    store = GenerationStore(Path(cfg.out) / s.name, settings, cfg.samples)
+    seconds = _generate(cfg, s, store, prep.rows, prep.prompts[s.name], tok, settings["engine"], generator, progress)
+    per_row = score_rows([store.rows[r.source_index] for r in prep.rows], rouge)
+    with open(Path(cfg.out) / s.name / "scores.jsonl", "w") as f:
+        for i, r in enumerate(prep.rows):
+            f.write(json.dumps({"row": r.source_index, **{m: float(per_row[m][i]) for m in GENERATION_METRICS}})
+                    + "\n")
+    return store, per_row, seconds
+
+
+def agreement(cfg: EvalConfig, students: list[Student], prep: Prepared, progress: bool):
+    """Per student, the cache rows' agreement (:class:`~rlkd.eval.agreement.CacheScores`), and the ``cache`` entry
+    of the report."""
+    from rlkd.eval.agreement import score_cache_rows, select_cache_rows
+
+    same = (prep.manifest.get("dataset") or {}).get("fingerprint") == prep.identity["fingerprint"]
+    evaluated = {r.source_index for r in prep.rows}
+    row_ids = select_cache_rows(cfg.cache, evaluated if same else None, cfg.cache_max_rows)
+    if not row_ids:
+        raise EvalError(f"--cache {cfg.cache}: none of its rows is among the evaluated rows of {cfg.dataset}")
+    scored = [score_cache_rows(s.path, cfg.cache, row_ids, progress=progress, desc=f"agreement {s.name}")
+              for s in students]
+    info = {"path": str(cfg.cache), "rows": len(row_ids), "positions": scored[0].positions,
+            "rows_from": "the evaluated rows of the same dataset" if same else
+            "all its rows: it was written from another dataset than --dataset"}
+    return scored, info
+
+
+def run_eval(cfg: EvalConfig, *, generators: dict[str, Generator] | None = None, progress: bool | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate ``cfg.students`` (see the module docstring). ``generators`` maps a student's path to an engine
+    already built (tests pass the session's vLLM engine); others are built, used and freed one at a time."""
+    from rlkd.config import config_to_dict
+    from rlkd.eval.agreement import AGREEMENT_METRICS
+    from rlkd.eval.report import as_json_metrics, render_markdown, summarize
+
+    generators = dict(generators or {})
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    progress = cfg.progress if progress is None else progress
+    students = parse_students(cfg.students)
+    prep = prepare(cfg, students, generators)
+    rouge = RougeL()  # fails now, not after the generations, when rouge-score is missing
     engine = cfg.engine
     if engine == "auto":
         engine = "vllm" if vllm_available() else "hf"
@@ -299,55 +361,34 @@ def run_eval(cfg: EvalConfig, *, generators: dict[str, Generator] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_config.yaml").write_text(_yaml(config_to_dict(cfg)))
 
-    gen_series, stores, engines_used, notes = [], [], [], []
-    seconds = 0.0
+    stores, gen_series, seconds = [], [], 0.0
     for s in students:
-        tok = tokenizers[s.name]
-        fmt = prompt_format_identity(resolve_prompt_format(cfg.prompt_format, tok), tok)
-        gen = generators.get(s.path)
-        settings = _settings(cfg, s, gen.name if gen is not None else engine, tok, identity, fmt)
-        store = GenerationStore(out / s.name, settings, cfg.samples)
-        engines_used.append(settings["engine"])
-        seconds += _generate(cfg, s, store, rows, prompts[s.name], tok, settings["engine"], gen, progress)
+        store, per_row, spent = generate_and_score(cfg, s, prep, engine, generators.get(s.path), rouge, progress)
         stores.append(store)
-        per_row = score_rows([store.rows[r.source_index] for r in rows], rouge)
-        with open(out / s.name / "scores.jsonl", "w") as f:
-            for i, r in enumerate(rows):
-                f.write(json.dumps({"row": r.source_index, **{m: float(per_row[m][i]) for m in GENERATION_METRICS}})
-                        + "\n")
-        gen_series.append({m: (per_row[m], np.ones(len(rows))) for m in GENERATION_METRICS})
-    if len({st.settings["tokenizer_sha256"] for st in stores}) > 1:
-        notes.append("the students tokenise differently: tokens and the token limit count each student's own tokens")
-
+        gen_series.append({m: (per_row[m], np.ones(len(prep.rows))) for m in GENERATION_METRICS})
+        seconds += spent
     names = [s.name for s in students]
-    per_student, diffs = summarize(gen_series, GENERATION_METRICS, names, compare=cfg.compare,
-                                   resamples=cfg.bootstrap, seed=cfg.bootstrap_seed)
+    stats = dict(compare=cfg.compare, resamples=cfg.bootstrap, seed=cfg.bootstrap_seed)
+    per_student, diffs = summarize(gen_series, GENERATION_METRICS, names, **stats)
     agree_student, agree_diffs, cache_info = [None] * len(students), [None] * len(diffs), None
     if cfg.cache:
-        same = (manifest.get("dataset") or {}).get("fingerprint") == identity["fingerprint"]
-        row_ids = select_cache_rows(cfg.cache, {r.source_index for r in rows} if same else None, cfg.cache_max_rows)
-        if not row_ids:
-            raise EvalError(f"--cache {cfg.cache}: none of its rows is among the evaluated rows of {cfg.dataset}")
-        scored = [score_cache_rows(s.path, cfg.cache, row_ids, progress=progress, desc=f"agreement {s.name}")
-                  for s in students]
+        scored, cache_info = agreement(cfg, students, prep, progress)
         series = [{m: (c.num[m], c.den[m]) for m in AGREEMENT_METRICS} for c in scored]
-        agree_student, agree_diffs = summarize(series, AGREEMENT_METRICS, names, compare=cfg.compare,
-                                               resamples=cfg.bootstrap, seed=cfg.bootstrap_seed)
-        rows_from = ("the evaluated rows of the same dataset" if same else
-                     "all its rows: it was built from another dataset than --dataset")
-        cache_info = {"path": str(cfg.cache), "rows": len(row_ids), "positions": scored[0].positions,
-                      "rows_from": rows_from}
+        agree_student, agree_diffs = summarize(series, AGREEMENT_METRICS, names, **stats)
 
+    notes = []
+    if len({st.settings["tokenizer_sha256"] for st in stores}) > 1:
+        notes.append("the students tokenise differently: tokens and the token limit count each student's own tokens")
     report = {
         "schema": "rlkd.eval/1",
         "out": str(out),
-        "dataset": {"source": identity["source"], "split": identity["split"], "subset": identity["subset"],
-                    "fingerprint": identity["fingerprint"], "rows_selected": selection.source_rows,
-                    "rows_evaluated": len(rows), "skipped": skipped},
-        "generation": {"engine": ", ".join(sorted(set(engines_used))),
-                       "dtype": cfg.dtype, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                       "samples": cfg.samples, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
-                       "max_prompt_length": cfg.max_prompt_length, "seconds": round(seconds, 3)},
+        "dataset": {"source": prep.identity["source"], "split": prep.identity["split"],
+                    "subset": prep.identity["subset"], "fingerprint": prep.identity["fingerprint"],
+                    "rows_selected": prep.rows_selected, "rows_evaluated": len(prep.rows), "skipped": prep.skipped},
+        "generation": {"engine": ", ".join(sorted({st.settings["engine"] for st in stores})), "dtype": cfg.dtype,
+                       "temperature": cfg.temperature, "top_p": cfg.top_p, "samples": cfg.samples, "seed": cfg.seed,
+                       "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
+                       "seconds": round(seconds, 3)},
         "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.bootstrap_seed, "level": 0.95, "unit": "row",
                       "method": "percentile"},
         "compare": cfg.compare,

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 GENERATIONS = "generations.jsonl"
 SETTINGS = "settings.json"
