@@ -324,6 +324,15 @@ def test_missing_student_fails_before_any_work(tiny_student_dir, dolly, tmp_path
                                        str(dolly), "--out", str(tmp_path / "out"), "--engine", "hf"])
     assert result.exit_code == 1 and "nope is not a model folder" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    # a folder that passes the checks but has no weights: the engine's failure is one clear line too
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_student_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    result = CliRunner().invoke(main, ["eval", str(broken), "--dataset", str(dolly), "--out", str(tmp_path / "o2"),
+                                       "--engine", "hf", "--max-prompt-length", "96", "--max-new-tokens", "4"])
+    assert result.exit_code == 1 and f"cannot load {broken} with transformers" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_students_whose_tokenizers_keep_different_rows_are_refused(tiny_student_dir, other_tok_student, dolly,

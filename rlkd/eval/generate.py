@@ -109,6 +109,8 @@ class VLLMGenerator:
                  max_model_len: int | None = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, enforce_eager: bool = False, trust_remote_code: bool = False,
                  seed: int = 0):
+        # vLLM logs to stdout by default, which would corrupt `rlkd eval --json`; its log goes to stderr instead.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -116,13 +118,19 @@ class VLLMGenerator:
         if llm is None:
             if model is None:
                 raise GenerationError("VLLMGenerator needs a model path or an existing `llm=`")
-            kwargs: dict[str, Any] = dict(
-                model=str(model), skip_tokenizer_init=True, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                trust_remote_code=trust_remote_code, seed=seed)
+            kwargs: dict[str, Any] = {
+                "model": str(model), "skip_tokenizer_init": True, "dtype": dtype,
+                "tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
+                "enforce_eager": enforce_eager, "trust_remote_code": trust_remote_code, "seed": seed}
             if max_model_len is not None:
                 kwargs["max_model_len"] = max_model_len
-            llm = LLM(**kwargs)
+            try:
+                llm = LLM(**kwargs)
+            except Exception as e:  # noqa: BLE001 - vLLM raises many types at start-up; all mean "cannot start"
+                raise GenerationError(
+                    f"vLLM could not start on {model}: {type(e).__name__}: {str(e).strip().splitlines()[-1]} "
+                    "(on the CPU build, --gpu-memory-utilization is the share of RAM vLLM reserves: lower it if "
+                    "memory is short; or generate with --engine hf)") from e
         self.llm = llm
         self.max_model_len = int(llm.model_config.max_model_len)
         self.dtype = str(llm.model_config.dtype).replace("torch.", "")
@@ -169,8 +177,11 @@ class HFGenerator:
             from transformers import AutoModelForCausalLM
 
             torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-            hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype,
-                                                            trust_remote_code=trust_remote_code)
+            try:
+                hf_model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype,
+                                                                trust_remote_code=trust_remote_code)
+            except Exception as e:  # noqa: BLE001 - any failure means this model cannot generate here
+                raise GenerationError(f"cannot load {model} with transformers: {type(e).__name__}: {e}") from e
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = hf_model.to(self.device).eval()
         self.dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
@@ -212,11 +223,10 @@ class HFGenerator:
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether vLLM is installed (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def build_generator(engine: str, model: str, *, dtype: str, max_model_len: int, pad_id: int,
