@@ -18,7 +18,8 @@ class _Group(click.Group):
     """Lists commands in the order of the pipeline, and turns config errors into clean messages."""
 
     def list_commands(self, ctx):
-        order = ["cache-teacher", "cache-merge", "train-student", "eval", "inspect", "verify", "make-student", "convert-teacher"]
+        order = ["cache-teacher", "cache-merge", "train-student", "eval", "inspect", "verify", "make-student",
+                 "convert-teacher"]
         return sorted(self.commands, key=lambda c: order.index(c) if c in order else len(order))
 
     def format_commands(self, ctx, formatter):

@@ -295,6 +295,19 @@ def test_rerun_with_other_settings_is_refused_and_more_rows_resume(tiny_student_
     r2 = run_eval(_cfg([tiny_student_dir], dolly, out, limit=10))  # a higher limit continues the same file
     assert r2["dataset"]["rows_evaluated"] == 9 and gens.read_text().startswith(first)
     assert gens.read_text().count("\n") == 9
+    # the same run from the CLI generates nothing more and prints the table (text, then Markdown)
+    args = ["eval", str(tiny_student_dir), "--dataset", str(dolly), "--out", str(out), "--engine", "hf", "--limit",
+            "10", "--max-prompt-length", "96", "--max-new-tokens", "12", "--batch-size", "4", "--bootstrap", "200",
+            "--no-progress"]
+    text = CliRunner().invoke(main, args)
+    assert text.exit_code == 0, text.output
+    rouge = r2["students"][0]["generation"]["rougeL"]
+    assert f"ROUGE-L %        {100 * rouge['value']:.2f} [{100 * rouge['low']:.2f}, {100 * rouge['high']:.2f}]" \
+        in text.output
+    assert "9 rows of dolly.jsonl, greedy, <= 12 new tokens (hf)" in text.output
+    md = CliRunner().invoke(main, args + ["--markdown"])
+    assert md.exit_code == 0 and "| metric | " + tiny_student_dir.name + " |" in md.output
+    assert gens.read_text().count("\n") == 9
 
 
 # ---- refusals ------------------------------------------------------------------------------------------------------

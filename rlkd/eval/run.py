@@ -104,7 +104,10 @@ def _load_tokenizer(s: Student, trust_remote_code: bool):
 def _model_context(s: Student, trust_remote_code: bool) -> int | None:
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(s.path, trust_remote_code=trust_remote_code)
+    try:
+        c = AutoConfig.from_pretrained(s.path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - the engine will say what is wrong with the model when it loads it
+        return None
     c = c.get_text_config() if hasattr(c, "get_text_config") else c
     return getattr(c, "max_position_embeddings", None)
 
