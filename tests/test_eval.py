@@ -193,11 +193,13 @@ def test_vllm_sampling_seeds_are_per_row(vllm_llm, tiny_teacher_dir, dolly):
 
 
 def test_run_with_the_vllm_engine_and_teacher_as_a_row(vllm_llm, tiny_teacher_dir, tiny_student_dir, dolly, tmp_path):
-    cfg = _cfg([f"teacher={tiny_teacher_dir}", tiny_student_dir], dolly, tmp_path / "out", engine="auto")
+    # the teacher through the session's vLLM engine, the student through transformers (a second vLLM engine in this
+    # process would cost a start-up and its memory)
+    cfg = _cfg([f"teacher={tiny_teacher_dir}", tiny_student_dir], dolly, tmp_path / "out", engine="hf")
     report = run_eval(cfg, generators={str(tiny_teacher_dir): VLLMGenerator(llm=vllm_llm)})
     assert [s["name"] for s in report["students"]] == ["teacher", tiny_student_dir.name]
     settings = json.loads((tmp_path / "out" / "teacher" / "settings.json").read_text())
-    assert settings["engine"] == "vllm"
+    assert settings["engine"] == "vllm" and report["generation"]["engine"] == "hf, vllm"
     assert report["dataset"]["rows_evaluated"] == 13 and report["dataset"]["skipped"] == {"empty_response": 1}
     lines = [json.loads(x) for x in (tmp_path / "out" / "teacher" / "generations.jsonl").read_text().splitlines()]
     assert [x["row"] for x in lines] == [i for i in range(14) if i != 2]

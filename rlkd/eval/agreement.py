@@ -2,8 +2,9 @@
 
 The metrics are *not* computed here: :func:`score_cache_rows` is the one adapter onto the code that ``rlkd inspect
 --student`` and the trainer's evaluation share (today :class:`rlkd.inspect.student.StudentScorer` and
-:func:`rlkd.inspect.student.agreement_from_logits`, over :class:`rlkd.trainer.metrics.PeakMetrics`). When that code
-moves to ``rlkd/core/metrics.py``, only this function changes.
+:func:`rlkd.inspect.student.agreement_from_logits`, over :class:`rlkd.trainer.metrics.PeakMetrics`), and
+:func:`cache_k_problems` asks the same code up front whether the cache's k suffices. When that code moves to
+``rlkd/core/metrics.py``, only these two functions change.
 
 Each metric is kept per cache row as (numerator, denominator) over the row's *response* positions (the trained ones),
 so that sums over rows give exactly the all-rows value ``inspect --student`` reports under ``metrics.response``, and
@@ -36,6 +37,17 @@ class CacheScores:
     """metric -> (R,) per-row denominator (eligible positions)."""
     positions: int
     """Response positions scored."""
+
+
+def cache_k_problems(cache_dir: str, k: int) -> list[str]:
+    """Why the shared metric code would refuse a cache of top-``k`` (checked before anything is generated)."""
+    from rlkd.inspect.student import AgreementError, check_cache_k
+
+    try:
+        check_cache_k(int(k), cache_dir)
+    except AgreementError as e:
+        return [str(e)]
+    return []
 
 
 def select_cache_rows(cache_dir: str, source_indices: set[int] | None, max_rows: int | None) -> list[str]:

@@ -152,9 +152,12 @@ class VLLMGenerator:
         return [[_finish(c.token_ids, settings) for c in o.outputs] for o in outs]
 
     def close(self) -> None:
-        """Free the engine's memory before the next student's engine starts."""
+        """Free the engine's memory (its KV-cache reservation) before the next student's engine starts."""
         import gc
 
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()  # dropping the last reference alone leaves the in-process engine core alive until exit
         del self.llm
         gc.collect()
 

@@ -142,17 +142,13 @@ def _check_cache(cfg: EvalConfig, students: list[Student], tokenizers: dict) -> 
     """The cache's manifest, and the problems with its k and with each student's tokenizer against it."""
     from rlkd.cache import read_manifest
     from rlkd.cache.identity import TokenizerMismatchError, check_tokenizer_compatible
-    from rlkd.inspect.student import AgreementError, check_cache_k
+    from rlkd.eval.agreement import cache_k_problems
 
     if not (Path(cfg.cache) / "manifest.json").is_file():
         return None, [f"--cache {cfg.cache}: not an rlkd cache (no manifest.json there); give a folder written by "
                       "`rlkd cache-teacher`"]
     manifest = read_manifest(cfg.cache)
-    problems = []
-    try:
-        check_cache_k(int(manifest["k"]), cfg.cache)
-    except AgreementError as e:
-        problems.append(str(e))
+    problems = cache_k_problems(cfg.cache, manifest["k"])
     for s in students:
         if s.name not in tokenizers:
             continue
