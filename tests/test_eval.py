@@ -413,6 +413,32 @@ def test_student_with_another_tokenizer_than_the_cache_gets_one_clear_error(tiny
     assert not (tmp_path / "out").exists()  # refused before any generation
 
 
+def test_cache_without_comparable_rows_is_refused_before_generating(tiny_teacher_dir, tiny_student_dir, dolly,
+                                                                    dolly_cache, tmp_path):
+    from rlkd.pipeline.config import CacheTeacherConfig
+    from rlkd.pipeline.engines import HFEngine
+    from rlkd.pipeline.run import cache_teacher
+
+    # a cache whose run has not finished a shard yet: its manifest lists no rows
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = json.loads((dolly_cache / "manifest.json").read_text())
+    (empty / "manifest.json").write_text(json.dumps({**manifest, "rows": 0, "shards": [], "complete": False}))
+    args = ["eval", str(tiny_student_dir), "--dataset", str(dolly), "--engine", "hf", "--max-prompt-length", "96",
+            "--max-new-tokens", "4"]
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o1"), "--cache", str(empty)])
+    assert result.exit_code == 1 and "holds no rows yet" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o1").exists()
+    # the odd rows of the same dataset, against an evaluation of row 0 only: nothing in common
+    odd = tmp_path / "odd"
+    cfg = build_config(CacheTeacherConfig, {"teacher": str(tiny_teacher_dir), "dataset": str(dolly), "out": str(odd),
+                                            "top_k": 12, "engine": "hf", "shard": "1/2", "limit": 4})
+    cache_teacher(cfg, engine=HFEngine(tiny_teacher_dir, k=12), progress=False)
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o2"), "--cache", str(odd), "--limit", "1"])
+    assert result.exit_code == 1 and "none of its 2 rows is among the 1 rows evaluated" in result.output
+    assert not (tmp_path / "o2" / tiny_student_dir.name / "generations.jsonl").exists()
+
+
 # ---- generations feed stage 1 ------------------------------------------------------------------------------------
 
 

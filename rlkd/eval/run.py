@@ -149,6 +149,9 @@ def _check_cache(cfg: EvalConfig, students: list[Student], tokenizers: dict) -> 
                       "`rlkd cache-teacher`"]
     manifest = read_manifest(cfg.cache)
     problems = cache_k_problems(cfg.cache, manifest["k"])
+    if not manifest.get("rows"):
+        problems.append(f"--cache {cfg.cache} holds no rows yet (its `rlkd cache-teacher` run has not finished a "
+                        "shard): re-run that command to complete it")
     for s in students:
         if s.name not in tokenizers:
             continue
@@ -273,6 +276,10 @@ class Prepared:
     rows_selected: int
     skipped: dict
     """reason -> rows skipped (dataset rows, then the first student's prompt encoding)."""
+    cache_rows: list[str] | None = None
+    """With --cache: the row_ids of the cache rows to score, in file order."""
+    cache_rows_from: str = ""
+    """Which cache rows those are, in words."""
 
 
 def prepare(cfg: EvalConfig, students: list[Student], generators: dict) -> Prepared:
@@ -298,7 +305,21 @@ def prepare(cfg: EvalConfig, students: list[Student], generators: dict) -> Prepa
     if not rows:
         raise EvalError(f"no row of {cfg.dataset} can be evaluated ({selection.source_rows} rows considered; "
                         f"skipped: {skipped or 'none'}); check the columns, --limit and --max-prompt-length")
-    return Prepared(rows, prompts, tokenizers, manifest, identity, selection.source_rows, skipped)
+    prep = Prepared(rows, prompts, tokenizers, manifest, identity, selection.source_rows, skipped)
+    if cfg.cache:
+        from rlkd.eval.agreement import select_cache_rows
+
+        # A cache of the same dataset (same fingerprint) is scored on the evaluated rows; another on all its rows.
+        same = (manifest.get("dataset") or {}).get("fingerprint") == identity["fingerprint"]
+        prep.cache_rows = select_cache_rows(cfg.cache, {r.source_index for r in rows} if same else None,
+                                            cfg.cache_max_rows)
+        prep.cache_rows_from = ("the evaluated rows of the same dataset" if same else
+                                "all its rows: it was written from another dataset than --dataset")
+        if not prep.cache_rows:
+            raise EvalError(f"--cache {cfg.cache}: none of its {manifest.get('rows')} rows is among the "
+                            f"{len(rows)} rows evaluated from {cfg.dataset} (the cache was written from the same "
+                            "dataset, so only those rows are comparable); raise --limit or --max-prompt-length")
+    return prep
 
 
 def generate_and_score(cfg: EvalConfig, s: Student, prep: Prepared, engine: str, generator: Generator | None,
@@ -320,20 +341,14 @@ def generate_and_score(cfg: EvalConfig, s: Student, prep: Prepared, engine: str,
 
 
 def agreement(cfg: EvalConfig, students: list[Student], prep: Prepared, progress: bool):
-    """Per student, the cache rows' agreement (:class:`~rlkd.eval.agreement.CacheScores`), and the ``cache`` entry
-    of the report."""
-    from rlkd.eval.agreement import score_cache_rows, select_cache_rows
+    """Per student, the chosen cache rows' agreement (:class:`~rlkd.eval.agreement.CacheScores`), and the
+    ``cache`` entry of the report."""
+    from rlkd.eval.agreement import score_cache_rows
 
-    same = (prep.manifest.get("dataset") or {}).get("fingerprint") == prep.identity["fingerprint"]
-    evaluated = {r.source_index for r in prep.rows}
-    row_ids = select_cache_rows(cfg.cache, evaluated if same else None, cfg.cache_max_rows)
-    if not row_ids:
-        raise EvalError(f"--cache {cfg.cache}: none of its rows is among the evaluated rows of {cfg.dataset}")
-    scored = [score_cache_rows(s.path, cfg.cache, row_ids, progress=progress, desc=f"agreement {s.name}")
+    scored = [score_cache_rows(s.path, cfg.cache, prep.cache_rows, progress=progress, desc=f"agreement {s.name}")
               for s in students]
-    info = {"path": str(cfg.cache), "rows": len(row_ids), "positions": scored[0].positions,
-            "rows_from": "the evaluated rows of the same dataset" if same else
-            "all its rows: it was written from another dataset than --dataset"}
+    info = {"path": str(cfg.cache), "rows": len(prep.cache_rows), "positions": scored[0].positions,
+            "rows_from": prep.cache_rows_from}
     return scored, info
 
 
