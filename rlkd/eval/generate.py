@@ -127,8 +127,9 @@ class VLLMGenerator:
             try:
                 llm = LLM(**kwargs)
             except Exception as e:  # noqa: BLE001 - vLLM raises many types at start-up; all mean "cannot start"
+                last = (str(e).strip().splitlines() or [""])[-1]  # vLLM's messages end with the actual reason
                 raise GenerationError(
-                    f"vLLM could not start on {model}: {type(e).__name__}: {str(e).strip().splitlines()[-1]} "
+                    f"vLLM could not start on {model}: {type(e).__name__}: {last} "
                     "(on the CPU build, --gpu-memory-utilization is the share of RAM vLLM reserves: lower it if "
                     "memory is short; or generate with --engine hf)") from e
         self.llm = llm
