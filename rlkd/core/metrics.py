@@ -209,22 +209,25 @@ class PeakMetrics:
         self.positions = int(values[0])
         self.sums = dict(zip(keys, values[1:]))
 
+    def parts(self) -> dict[str, tuple[float, float]]:
+        """Each metric of :meth:`compute` as ``(numerator, denominator)``; its value is their ratio. Summing the parts
+        of several accumulators (rows, batches) gives the pooled value: ``rlkd eval`` bootstraps rows this way."""
+        out: dict[str, tuple[float, float]] = {}
+        for k in self.cr_ks:
+            out[f"cr@{k}"] = (self.sums[f"cr@{k}"], self.sums[f"eligible@{k}"])
+        for k in self.overlap_ks:
+            out[f"mor@{k}"] = (self.sums[f"or@{k}"], self.sums[f"eligible@{k}"])  # the mean of or@k
+        for k in self.overlap_ks:
+            out[f"set@{k}"] = (self.sums[f"set@{k}"], self.sums[f"eligible@{k}"])
+        out["top1_agreement"] = (self.sums["cr@1"], self.sums["eligible@1"])
+        out["kd"] = (self.sums["kd"], float(self.positions))
+        out["ce"] = (self.sums["ce"], float(self.positions))
+        return out
+
     def compute(self) -> dict:
         """``{cr@k, mor@k, set@k, top1_agreement, kd, ce}`` for the k's the cache defines (:func:`metric_keys`, rates
         None without eligible positions), plus ``positions`` and the ``eligible@k`` counts."""
-        def rate(key: str, k: int) -> float | None:
-            return self.sums[key] / self.sums[f"eligible@{k}"] if self.sums[f"eligible@{k}"] else None
-
-        out: dict = {}
-        for k in self.cr_ks:
-            out[f"cr@{k}"] = rate(f"cr@{k}", k)
-        for k in self.overlap_ks:
-            out[f"mor@{k}"] = rate(f"or@{k}", k)  # the mean of the per-position overlap or@k
-        for k in self.overlap_ks:
-            out[f"set@{k}"] = rate(f"set@{k}", k)
-        out["top1_agreement"] = rate("cr@1", 1)
-        out["kd"] = self.sums["kd"] / self.positions if self.positions else None
-        out["ce"] = self.sums["ce"] / self.positions if self.positions else None
+        out: dict = {key: (num / den if den else None) for key, (num, den) in self.parts().items()}
         out["positions"] = self.positions
         for k in sorted(set(self.cr_ks + self.overlap_ks)):
             out[f"eligible@{k}"] = int(self.sums[f"eligible@{k}"])

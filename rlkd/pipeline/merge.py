@@ -18,8 +18,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rlkd.cache.manifest import (IDENTITY_KEYS, identity_differences, manifest_path, read_manifest,
-                                 set_max_token_id, write_manifest)
+from rlkd.cache.manifest import (
+    IDENTITY_KEYS,
+    identity_differences,
+    manifest_path,
+    read_manifest,
+    set_max_token_id,
+    write_manifest,
+)
 from rlkd.errors import UserError
 
 

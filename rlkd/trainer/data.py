@@ -25,7 +25,6 @@ from rlkd.cache.schema import TeacherRow
 from rlkd.core.targets import ModelBatch, collate
 from rlkd.errors import UserError
 
-
 # ---- eval split -------------------------------------------------------------------------------------------------
 
 def eval_score(row_id: str) -> float:

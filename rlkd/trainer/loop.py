@@ -40,13 +40,20 @@ import torch
 import yaml
 
 from rlkd.cache import CacheReader, check_tokenizer_compatible, read_manifest
+from rlkd.config import ConfigError
 from rlkd.core.metrics import PeakMetrics, left_out_note
 from rlkd.core.targets import ModelBatch, vocab_problem
 from rlkd.errors import UserError
-from rlkd.config import ConfigError
 from rlkd.trainer import distributed as dist
-from rlkd.trainer.checkpoint import CheckpointError, checkpoint_dir, choose_checkpoint, list_checkpoints, \
-    load_checkpoint, read_state, save_checkpoint
+from rlkd.trainer.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    choose_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from rlkd.trainer.chunked import chunked_distill_loss
 from rlkd.trainer.config import TrainConfig
 from rlkd.trainer.data import TrainStream, count_trainable_rows, load_eval_batches
