@@ -26,6 +26,7 @@ EXTERNAL_FLAGS = {
     "headless", "no-sandbox", "disable-gpu", "dump-dom", "user-data-dir", "virtual-time-budget", "window-size",
     "disable-quic", "no-first-run", "disable-background-networking", "disable-component-update", "disable-sync",
     "max-model-len", "gpu-memory-utilization", "array", "gpus", "quiet", "ntasks", "help", "version", "prefix",
+    "local-dir",
     "timeout", "durations", "extra-index-url", "index-url", "no-cache-dir", "cov", "basetemp", "ignore", "deselect",
 }
 """Flags of other tools (and of rlkd's own bench/experiment scripts, which take argparse flags)."""
@@ -51,7 +52,7 @@ def _config_classes(command_name: str) -> tuple[type, ...]:
         "cache-teacher": (cli.CacheTeacherConfig,), "cache-merge": (cli.MergeOptions,),
         "train-student": tuple(cli.TRAIN_SECTIONS.values()), "inspect": (cli.InspectOptions,),
         "verify": (cli.VerifyOptions,), "make-student": (cli.MakeStudentOptions,),
-        "convert-teacher": (cli.ConvertTeacherOptions,),
+        "convert-teacher": (cli.ConvertTeacherOptions,), "eval": (cli.EvalConfig,),
     }
     return decorated[command_name]
 
