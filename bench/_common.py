@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the benches measure this checkout's rlkd (and smoke runs use its tests/tiny.py)
+    sys.path.insert(0, str(REPO))
 DATA_ENV = "RLKD_BENCH_DATA"
 """Environment variable: a folder holding databricks-dolly-15k as ``train.jsonl`` and ``dev.jsonl``."""
 

@@ -502,7 +502,7 @@ def _ratio(a: float, b: float) -> float | None:
 
 # ---- main -------------------------------------------------------------------------------------------------------
 
-SMOKE = {"rows": 6, "seq_len": 96, "batch_size": 2, "steps": 3, "k": 20, "mem_seq_len": 48, "chunk_size": 16}
+SMOKE = {"rows": 6, "seq_len": 96, "batch_size": 2, "steps": 2, "k": 20, "mem_seq_len": 48, "chunk_size": 16}
 """--smoke sizes (the tiny teacher: 512-token vocabulary, hidden 128)."""
 
 
