@@ -15,7 +15,7 @@ Definitions printed:
                (entropy in bits of that column's empirical symbol distribution) / 8, summed over columns. Columns:
                top-k ids, q8 delta bytes, fp16 top-1 bit patterns, float32 tail/target-logprob bit patterns, target
                ranks, input ids, loss-mask bits, counts. ratio = B/pos / floor. It leaves out row_id and
-               source_index (bookkeeping, ~0.15 B/pos) and the Parquet footer/page headers; it counts everything else
+               source_index (bookkeeping) and the Parquet footer/page headers; it counts everything else
                the format must hold (tail, target log-prob and rank, input ids, loss mask, counts).
   byteplane    the same floor with the float columns (fp16 top-1, fp32 tail and target log-prob) counted one byte
                plane at a time: their whole bit patterns are nearly all distinct, so their order-0 entropy is about
@@ -24,8 +24,9 @@ Definitions printed:
   KL err       mean over positions of KL(p || q) between the renormalised top-k of the exact (float32) log-probs p
                and of the decoded ones q.
   max err      max |decoded - exact| over entries within 15.8 nat of their top-1 (q8 cannot saturate there).
-  write/read   positions per CPU-second (process time, so other load on the machine does not count), one thread: CacheWriter.write of all rows; CacheReader full pass into padded torch
-               batches (batch 8, no shuffle); "decode" = iter_rows (unpadded numpy).
+  write/read   positions per CPU-second (process time, so other load on the machine does not count), one thread:
+               CacheWriter.write of all rows; CacheReader full pass into padded torch batches (batch 8, no shuffle);
+               "decode" = iter_rows (unpadded numpy).
 
 Byte figures are exact (no rounds, no interval); the write/read rates are single measurements, reported as info.
 

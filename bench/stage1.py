@@ -32,7 +32,6 @@ import json
 import os
 import pstats
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path

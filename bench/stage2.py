@@ -324,7 +324,7 @@ class LiveTensorBytes:
     A ``TorchDispatchMode`` sees every aten op (forward, autograd backward, custom autograd Functions) and records
     the storages of their outputs; a storage counts until it is freed (a weak reference expires). Tensors made
     before entering (parameters, optimizer state, inputs) are added with :meth:`track`. Unlike peak RSS, this is
-    neither the interpreter and libraries (~0.5 GB here) nor glibc's unreturned heap, so it measures what the step
+    neither the interpreter and libraries nor glibc's unreturned heap, so it measures what the step
     itself holds. Scratch buffers inside one kernel are not seen (the same for every variant)."""
 
     def __init__(self):
@@ -603,8 +603,8 @@ def step_lines(report: dict) -> list[str]:
     s = report["steps"]
     w = s["wall"]
     return [
-        f"median step, wall s: " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_step_s"].items()),
-        f"median step, CPU s:  " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_cpu_s"].items()),
+        "median step, wall s: " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_step_s"].items()),
+        "median step, CPU s:  " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_cpu_s"].items()),
         f"by {s['clock']} time, geometric mean of the per-round ratios [95% interval]:",
         f"  kd+rank / CE (chunked):        {format_interval(s['kd_rank_over_ce_chunked'])}   (goal <= 1.05)",
         f"  kd+rank / CE (HF full logits): {format_interval(s['kd_rank_over_ce_hf'])}   (goal <= 1.05)",
@@ -629,7 +629,7 @@ def memory_lines(report: dict, seq_len: int) -> list[str]:
                   + ", ".join(f"{k} {v:.0f} MB" for k, v in m["tensor_peak_mb"].items())
                   + f"; chunked/naive {ratio('tensors_chunked_over_naive')} (goal <= 0.5), chunked/CE-only "
                     f"{ratio('tensors_chunked_over_chunked_ce')} (goal <= 1.2)",
-                  "  process peak RSS (adds ~0.5 GB of interpreter and libraries, and glibc's unreturned heap): "
+                  "  process peak RSS (adds the interpreter, the libraries and glibc's unreturned heap): "
                   + ", ".join(f"{k} {v:.0f} MB" for k, v in m["rss_peak_mb"].items())
                   + f"; chunked/naive {ratio('rss_chunked_over_naive')}, chunked/CE-only "
                     f"{ratio('rss_chunked_over_chunked_ce')}"]

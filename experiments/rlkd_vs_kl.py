@@ -161,7 +161,8 @@ def table(args, results: dict, meta: dict) -> str:
     lines = [
         "## RLKD vs KL on SmolLM2-135M-Instruct (experiments/rlkd_vs_kl.py)",
         "",
-        f"Run {meta['finished']} on {meta['machine']}; this invocation took {meta['wall_min']:.1f} min (steps already done are reused). Student: teacher "
+        f"Run {meta['finished']} on {meta['machine']}; this invocation took {meta['wall_min']:.1f} min (steps "
+        "already done are reused). Student: teacher "
         f"layers `{args.layers}` ({meta['student_layers']} of {meta['teacher_layers']}), seed {args.seed}, "
         f"{args.steps} steps × {args.batch_size} rows, lr {args.lr} (cosine, {max(1, args.steps // 10)} warm-up), "
         f"max length {args.max_length}, cache k={args.top_k}. Train cache: first {args.train_rows} rows of "
