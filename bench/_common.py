@@ -96,3 +96,22 @@ def ratio_interval(num: list[float], den: list[float], *, scale: float = 1.0, of
 def format_interval(r: dict, fmt: str = "{:.3f}") -> str:
     """``1.008 [0.981, 1.036]`` (95% interval, n rounds)."""
     return f"{fmt.format(r['value'])} [{fmt.format(r['lo'])}, {fmt.format(r['hi'])}] ({r['rounds']} rounds)"
+
+
+def mean_interval(values: list[float], *, level: float = 0.95) -> dict:
+    """The mean of per-round values and its ``level`` t-interval: for a per-round figure that can be negative or
+    zero (a difference), where :func:`ratio_interval`'s logs do not apply. Same keys as :func:`ratio_interval`."""
+    if not values:
+        raise ValueError("mean_interval: no values")
+    n = len(values)
+    mean = sum(values) / n
+    if n > 1:
+        from scipy.stats import t
+
+        sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1))
+        half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+        lo, hi = mean - half, mean + half
+    else:
+        lo, hi = -math.inf, math.inf
+    return {"value": mean, "lo": lo, "hi": hi, "rounds": n, "per_round": list(values)}
+

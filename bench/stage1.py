@@ -10,9 +10,10 @@ One process, one model, one data set, one machine. Prints tokens/s for
 (a), (b) and (c) are timed in ``--repeats`` rounds, each running all three once in an order rotated every round.
 Then it prints the ratios c/b (our own overhead; goal >= 0.95) and c / (a * F_last/F_all) (the FLOP ceiling; goal
 >= 0.90), where F_last/F_all is FLOPs per token with the LM head once per sequence over FLOPs with it at every
-position, from the model config (rlkd.pipeline.engines.lm_head_flop_fraction). Each ratio is the geometric mean of its per-round ratios (the sides
-of a ratio run seconds apart in the same round, so slow changes of the machine's load cancel) with its 95%
-interval over the rounds (``bench/_common.py``); a goal is met only when the whole interval is inside it.
+position, from the model config (rlkd.pipeline.engines.lm_head_flop_fraction). Each ratio is the geometric mean
+of its per-round ratios (the sides of a ratio run seconds apart in the same round, so slow changes of the machine's
+load cancel) with its 95% interval over the rounds (``bench/_common.py``); a goal is met only when the whole
+interval is inside it.
 Wall-clock time: vLLM's engine threads do the work, and the figure is what a user waits for.
 
     OMP_NUM_THREADS=2 python bench/stage1.py --data dev.jsonl     # SmolLM2-135M-Instruct, 200 Dolly dev rows

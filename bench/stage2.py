@@ -13,15 +13,25 @@ Measures (CPU by default; ``--device cuda`` for bf16 on a GPU):
    Goals: kd_rank <= 1.05 x ce; kd_rank <= 0.55 x online_kd; rank overhead (kd_rank / kd_only - 1) <= 3%.
 
    How a goal is decided. Each of ``--steps`` rounds runs every variant once on the same batch, in an order rotated
-   every round (no variant always runs first or right after another); a figure is the geometric mean of the per-round
-   ratios with its 95% t-interval (``bench/_common.py``), and a goal is met only when the whole interval is inside
-   it. The clock is the process's CPU time (``--clock cpu``, the default on CPU), not wall time: on a shared machine
-   a step's wall time also counts the time other processes held the cores, which varies by +-15% from one step to
-   the next and does not cancel within a round, while the CPU time this process spends on a step moves far less
-   with load. Wall-clock ratios are reported beside them (``steps.wall``). The rank-loss overhead is a small
-   difference between two similar steps, so it needs the most rounds: the default ``--steps 20`` resolves a 3%
-   goal when the true overhead is a point or two below it. On a GPU the clock is wall time after a device
-   synchronisation (CPU time would count only the launches).
+   every round (no variant always runs first or right after another), then times the loss head alone (the LM head
+   and the loss, forward and backward, on that batch's hidden states) of kd_rank, kd_only and ce_chunked
+   ``--head-repeats`` times each. A figure comes with its 95% interval over the rounds (``bench/_common.py``), and
+   a goal is met only when the whole interval is inside it.
+
+   The clock (``--clock cpu --threads 1``, the default on CPU) is the CPU time of one thread. On a shared machine a
+   step's wall time also counts the time other processes held the core, which moves single steps by many percent
+   and does not cancel within a round; with two threads, CPU time counts the spin-waits of one thread waiting for
+   the other, which grow with the machine's load. One thread's CPU time is the work the step does. On a GPU the
+   clock is wall time after a device synchronisation.
+
+   KD+rank / CE and the rank overhead sit within a few percent of their goals, and a ratio of whole steps cannot
+   resolve that: the steps differ by a small share of their time, and each step's own noise swamps it. But kd_rank,
+   kd_only and ce_chunked run the same ``train_step`` and differ only in the loss head, so per round
+   ``KD+rank / CE = 1 + (head_kd_rank - head_ce) / step_ce`` and ``overhead = (head_kd_rank - head_kd) / step_kd``:
+   the head's noise enters scaled down by its share of the step. These two are means over the rounds with a
+   t-interval; the whole-step ratios are reported beside them (``steps.whole_step``). The other two figures are far
+   from their goals and are whole-step ratios: the geometric mean of the per-round ratios, with a t-interval on
+   their logs.
 2. **Peak memory** of one step at ``--mem-seq-len`` (4096) positions with the teacher's 49,152-token vocabulary, each
    variant in its own subprocess: ``naive`` (the whole (T, V) logits, then the same loss), ``chunked`` (KD+rank,
    :func:`chunked_distill_loss` as the trainer calls it), ``chunked_ce`` (CE only, chunked) and a ``model_only``
@@ -66,7 +76,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import data_file, default_teacher, format_interval, ratio_interval, smoke_teacher  # noqa: E402
+from _common import (data_file, default_teacher, format_interval, mean_interval, ratio_interval,  # noqa: E402
+                     smoke_teacher)
 from rlkd.cache import (CacheReader, CacheWriter, TeacherRow, make_row_id, read_manifest,  # noqa: E402
                         tokenizer_identity)
 from rlkd.trainer import loop  # noqa: E402
@@ -214,7 +225,38 @@ RATIOS = {
     "kd_rank_over_online_kd": ("kd_rank", "online_kd", 0.0),
     "rank_overhead": ("kd_rank", "kd_only", 1.0),
 }
-"""Step-time figures: name -> (numerator variant, denominator variant, offset subtracted from the ratio)."""
+"""Whole-step figures: name -> (numerator variant, denominator variant, offset subtracted from the ratio)."""
+
+HEAD_VARIANTS = ("kd_rank", "kd_only", "ce_chunked")
+"""The variants that run the same train_step and differ only in the loss head."""
+HEAD_FIGURES = {"kd_rank_over_ce_chunked": ("kd_rank", "ce_chunked", 1.0), "rank_overhead": ("kd_rank", "kd_only", 0.0)}
+"""Figures from the loss head alone: name -> (variant a, variant b, c): per round ``c + (head_a - head_b) / step_b``.
+The three variants run the same ``train_step`` and differ only in the loss head's work, so that is the step ratio
+(minus 1 for the overhead) with the noise of the difference scaled down by the head's share of the step."""
+
+
+def head_timers(runs: dict, model, batch: dict, device: torch.device) -> dict:
+    """Per variant, a function running the step's LM head + loss forward and backward alone
+    (:func:`chunked_distill_loss` as ``train_step`` calls it) on the student's hidden states of ``batch``, computed
+    once. Gradients go to detached copies, so the model's own gradients stay untouched."""
+    mb = to_model_batch(batch, device)
+    head = model.get_output_embeddings()
+    with torch.no_grad(), autocast(device):
+        hidden = model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                     use_cache=False).last_hidden_state[mb.loss_mask]  # (N, H)
+    hidden = hidden.detach().requires_grad_()
+    weight = head.weight.detach().requires_grad_()  # (V, H)
+
+    def timer(run):
+        def go():
+            with autocast(device):
+                out = chunked_distill_loss(hidden, weight, mb.targets, run.loss_fn, chunk_size=run.cfg.loss.chunk_size,
+                                           lm_head_bias=head.bias)
+            out["total"].backward()
+            hidden.grad = weight.grad = None
+        return go
+
+    return {name: timer(runs[name]) for name in HEAD_VARIANTS}
 
 
 def reader_pass(cache: Path, batch_size: int) -> tuple[int, float]:
@@ -228,7 +270,7 @@ def reader_pass(cache: Path, batch_size: int) -> tuple[int, float]:
 
 
 def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.device, batch_size: int,
-               steps: int, k: int, clock: str) -> dict:
+               steps: int, k: int, clock: str, head_repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).to(device).train()
@@ -250,25 +292,47 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
         "ce_hf": lambda w: hf_ce_step(runs["ce_hf"], w),
         "online_kd": lambda w: online_kd_step(runs["kd_rank"], teacher, w, k),
     }
+
+    def timed(fn) -> tuple[float, float]:
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU time, all threads
+    head_wall: dict[str, list[float]] = {name: [] for name in HEAD_VARIANTS}  # the round's median
+    head_cpu: dict[str, list[float]] = {name: [] for name in head_wall}
     reads: list[tuple[int, float]] = []
     names = list(variants)
     for i, batch in enumerate(batches):  # batch 0 warms every variant up and is not timed
         # Rotate the order every round, so no variant always runs first (cold caches) or right after another.
         for name in names[i % len(names):] + names[: i % len(names)]:
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            variants[name]([batch])
-            sync(device)
+            w, c = timed(lambda: variants[name]([batch]))
             if i > 0:
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+                wall[name].append(w)
+                cpu[name].append(c)
+        heads = head_timers(runs, model, batch, device)
+        hn = list(heads)
+        samples = {name: [] for name in hn}
+        for r in range(head_repeats):
+            for name in hn[(i + r) % len(hn):] + hn[:(i + r) % len(hn)]:
+                samples[name].append(timed(heads[name]))
         if i > 0:
+            for name, v in samples.items():  # the round's median of each clock
+                head_wall[name].append(statistics.median(x for x, _ in v))
+                head_cpu[name].append(statistics.median(x for _, x in v))
             reads.append(reader_pass(cache, batch_size))
-            print(f"  round {i}/{steps}: " + ", ".join(f"{n} {v[-1]:.2f}s" for n, v in wall.items()),
-                  file=sys.stderr, flush=True)
-    times = cpu if clock == "cpu" else wall
+            print(f"  round {i}/{steps}: " + ", ".join(f"{n} {wall[n][-1]:.2f}/{cpu[n][-1]:.2f}s" for n in names)
+                  + "; head " + ", ".join(f"{n} {head_wall[n][-1]:.2f}/{head_cpu[n][-1]:.2f}s" for n in hn)
+                  + " (wall/CPU)", file=sys.stderr, flush=True)
+
+    def head_figures(step: dict, head: dict) -> dict:
+        return {name: mean_interval([c + (x - y) / s for x, y, s in zip(head[a], head[b], step[b])])
+                for name, (a, b, c) in HEAD_FIGURES.items()}
+
+    times, head = (cpu, head_cpu) if clock == "cpu" else (wall, head_wall)
     positions = [int(b["attention_mask"].sum() - b["attention_mask"].shape[0]) for b in batches[1:]]  # per round
     trained = statistics.mean(int(b["loss_mask"].sum()) for b in batches[1:])
     # Reader rate over trainer rate, per round: (reader positions / reader s) / (batch positions / kd_rank step s).
@@ -279,11 +343,17 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
         "clock": clock,
         "rounds": steps,
         **{name: ratio_interval(times[a], times[b], offset=off) for name, (a, b, off) in RATIOS.items()},
-        "wall": {name: ratio_interval(wall[a], wall[b], offset=off) for name, (a, b, off) in RATIOS.items()},
+        **head_figures(times, head),  # the two fine figures: from the loss head (see HEAD_FIGURES)
+        "whole_step": {c: {name: ratio_interval(t[a], t[b], offset=off) for name, (a, b, off) in RATIOS.items()}
+                       for c, t in (("cpu", cpu), ("wall", wall))},
+        "from_head": {c: head_figures(t, h) for c, t, h in (("cpu", cpu, head_cpu), ("wall", wall, head_wall))},
         "median_step_s": {name: statistics.median(v) for name, v in wall.items()},
         "median_cpu_s": {name: statistics.median(v) for name, v in cpu.items()},
+        "median_head_cpu_s": {name: statistics.median(v) for name, v in head_cpu.items()},
         "all_step_s": wall,
         "all_cpu_s": cpu,
+        "all_head_s": head_wall,
+        "all_head_cpu_s": head_cpu,
         "scored_positions_per_batch": statistics.mean(positions),
         "trained_positions_per_batch": trained,
         "trainer_positions_per_s": statistics.mean(positions) / statistics.median(wall["kd_rank"]),
@@ -502,7 +572,8 @@ def _ratio(a: float, b: float) -> float | None:
 
 # ---- main -------------------------------------------------------------------------------------------------------
 
-SMOKE = {"rows": 6, "seq_len": 96, "batch_size": 2, "steps": 2, "k": 20, "mem_seq_len": 48, "chunk_size": 16}
+SMOKE = {"rows": 6, "seq_len": 96, "batch_size": 2, "steps": 2, "head_repeats": 1, "k": 20, "mem_seq_len": 48,
+         "chunk_size": 16}
 """--smoke sizes (the tiny teacher: 512-token vocabulary, hidden 128)."""
 
 
@@ -518,8 +589,13 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=20,
                    help="timed rounds, one step per variant each (after one warm-up) [%(default)s]")
+    p.add_argument("--head-repeats", type=int, default=3,
+                   help="loss-head timings per variant and round; the round's figure is their median [%(default)s]")
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="what a step's time is: process CPU time (default on CPU) or wall time (default on GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while timing steps [1 with --clock cpu, so CPU time is work, not the spin-waits "
+                        "of threads waiting for each other; else torch's default]")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--mem-seq-len", type=int, default=4096)
     p.add_argument("--chunk-size", type=int, default=256)
@@ -572,8 +648,15 @@ def main(argv=None) -> dict:
               "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
               "batch_size": args.batch_size, "seq_len": args.seq_len, "k": args.k, "smoke": args.smoke}
     if args.only in ("all", "steps"):
-        report["steps"] = time_steps(student, args.teacher, cache, device, args.batch_size, args.steps, args.k,
-                                     clock)
+        threads = args.threads or (1 if clock == "cpu" else torch.get_num_threads())
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        report["threads"] = threads
+        try:
+            report["steps"] = time_steps(student, args.teacher, cache, device, args.batch_size, args.steps, args.k,
+                                         clock, args.head_repeats)
+        finally:
+            torch.set_num_threads(before)
     if args.only in ("all", "memory"):
         modes = tuple(m.strip() for m in args.mem_modes.split(",") if m.strip())
         unknown = sorted(set(modes) - set(MEMORY_MODES))
@@ -601,17 +684,23 @@ def main(argv=None) -> dict:
 
 def step_lines(report: dict) -> list[str]:
     s = report["steps"]
-    w = s["wall"]
+    whole = s["whole_step"]
     return [
         "median step, wall s: " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_step_s"].items()),
         "median step, CPU s:  " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_cpu_s"].items()),
-        f"by {s['clock']} time, geometric mean of the per-round ratios [95% interval]:",
-        f"  kd+rank / CE (chunked):        {format_interval(s['kd_rank_over_ce_chunked'])}   (goal <= 1.05)",
-        f"  kd+rank / CE (HF full logits): {format_interval(s['kd_rank_over_ce_hf'])}   (goal <= 1.05)",
-        f"  kd+rank / online KD:           {format_interval(s['kd_rank_over_online_kd'])}   (goal <= 0.55)",
-        f"  rank-loss overhead:            {format_interval(s['rank_overhead'], '{:+.1%}')}   (goal <= 3%)",
-        f"by wall time: kd+rank/CE chunked {format_interval(w['kd_rank_over_ce_chunked'])}, rank overhead "
-        f"{format_interval(w['rank_overhead'], '{:+.1%}')}",
+        "median loss head alone, CPU s: " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_head_cpu_s"].items()),
+        f"by {s['clock']} time, {s['rounds']} rounds [95% interval]:",
+        "  kd+rank / CE (chunked), from the loss head: "
+        f"{format_interval(s['kd_rank_over_ce_chunked'])}  (goal <= 1.05)",
+        f"  rank-loss overhead, from the loss head:     {format_interval(s['rank_overhead'], '{:+.1%}')}  (goal <= 3%)",
+        f"  kd+rank / CE (HF full logits):              {format_interval(s['kd_rank_over_ce_hf'])}  (goal <= 1.05)",
+        f"  kd+rank / online KD:                        {format_interval(s['kd_rank_over_online_kd'])}  (goal <= 0.55)",
+        "  the fine two from whole steps, CPU: kd+rank / CE "
+        f"{format_interval(whole['cpu']['kd_rank_over_ce_chunked'])}, rank overhead "
+        f"{format_interval(whole['cpu']['rank_overhead'], '{:+.1%}')}",
+        "  the fine two from whole steps, wall: kd+rank / CE "
+        f"{format_interval(whole['wall']['kd_rank_over_ce_chunked'])}, rank overhead "
+        f"{format_interval(whole['wall']['rank_overhead'], '{:+.1%}')}",
         f"reader {s['reader_positions_per_s']:.0f} pos/s vs trainer {s['trainer_positions_per_s']:.0f} pos/s: "
         f"{format_interval(s['reader_over_trainer'], '{:.0f}')}x (goal >= 20)",
     ]
