@@ -298,16 +298,18 @@ def describe(x: np.ndarray, edges: np.ndarray) -> dict | None:
         x = x[np.isfinite(x)]
     if x.size == 0:
         return None
-    x = x.astype(np.float64)  # float64 sums and quantiles of the float32 values
+    x = x.astype(np.float64)  # a copy: float64 sums and quantiles of the float32 values
     vmin, vmax = float(x.min()), float(x.max())
     lo, hi = float(edges[0]), float(edges[-1])
     inside = x if lo <= vmin and vmax <= hi else np.clip(x, lo, hi)
     counts, _ = np.histogram(inside, bins=len(edges) - 1, range=(lo, hi))
+    mean, std = float(x.mean()), float(x.std())
+    quantiles = np.quantile(x, QUANTILES, overwrite_input=True)  # last: it may reorder our copy
     return {
-        "mean": float(x.mean()),
-        "std": float(x.std()),
+        "mean": mean,
+        "std": std,
         "min": vmin,
-        **{f"p{round(100 * q):02d}": float(v) for q, v in zip(QUANTILES, np.quantile(x, QUANTILES))},
+        **{f"p{round(100 * q):02d}": float(v) for q, v in zip(QUANTILES, quantiles)},
         "max": vmax,
         "hist": {"edges": [float(e) for e in edges], "counts": counts.tolist()},
     }
