@@ -587,7 +587,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20,
+    p.add_argument("--steps", type=int, default=12,
                    help="timed rounds, one step per variant each (after one warm-up) [%(default)s]")
     p.add_argument("--head-repeats", type=int, default=3,
                    help="loss-head timings per variant and round; the round's figure is their median [%(default)s]")
