@@ -73,7 +73,7 @@ def test_stage1_smoke_on_the_shared_engine(load, tmp_path, tiny_teacher_dir, vll
     check_figures(run_all, b, json.loads(out.read_text()))
 
 
-def test_ratio_interval_by_hand(load):
+def test_intervals_by_hand(load):
     """Per-round ratios e^0, e^0.2, e^0.4: log mean 0.2, sd 0.2; t(0.975, 2 df) = 4.303 from a printed table."""
     ratio_interval = load("_common").ratio_interval
     num = [1.0, 2 * math.exp(0.2), 3 * math.exp(0.4)]
@@ -89,6 +89,11 @@ def test_ratio_interval_by_hand(load):
     assert scaled["hi"] == pytest.approx(r["hi"] / 2)
     one = ratio_interval([2.0], [1.0])
     assert one["value"] == pytest.approx(2.0) and one["lo"] == -math.inf and one["hi"] == math.inf
+    # Differences (can be negative): a plain t-interval of the mean. 0.01, 0.02, 0.03: mean 0.02, sd 0.01.
+    m = load("_common").mean_interval([0.01, 0.02, 0.03])
+    assert m["value"] == pytest.approx(0.02)
+    assert (m["lo"], m["hi"]) == pytest.approx((0.02 - 4.303 * 0.01 / math.sqrt(3), 0.02 + 4.303 * 0.01 / math.sqrt(3)),
+                                               rel=1e-4)
 
 
 def test_a_goal_is_met_only_by_the_whole_interval(load):
