@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-all demo bench clean chromium
+.PHONY: setup test test-all demo bench bench-data bench-smoke clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,8 +41,18 @@ test-all: setup chromium
 demo: setup
 	$(BIN)/python -m rlkd.demo
 
-bench: setup
-	$(BIN)/python bench/run_all.py
+# `make bench DATA=DIR`: DIR holds databricks-dolly-15k as train.jsonl and dev.jsonl (or set RLKD_BENCH_DATA).
+DATA ?= $(RLKD_BENCH_DATA)
+
+bench-data:
+	@test -n "$(DATA)" || { echo "make bench needs the Dolly data: make bench DATA=DIR (a folder holding train.jsonl and dev.jsonl), or set RLKD_BENCH_DATA" >&2; exit 2; }
+	@test -f "$(DATA)/train.jsonl" -a -f "$(DATA)/dev.jsonl" || { echo "make bench: $(DATA) must hold train.jsonl and dev.jsonl (databricks-dolly-15k)" >&2; exit 2; }
+
+bench: bench-data setup
+	$(BIN)/python bench/run_all.py --data "$(DATA)"
+
+bench-smoke: setup
+	$(BIN)/python bench/run_all.py --smoke
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

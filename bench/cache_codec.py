@@ -1,12 +1,13 @@
 """Benchmark the cache format: bytes/position per codec vs the order-0 entropy floor, codec error, adaptive k, and
 write/read throughput on one core.
 
-Teacher data, in order of preference:
+Teacher data, one of:
   --data CACHE_DIR             an existing cache made by stage 1 (fp32 gives exact references; fixed k only)
-  --teacher DIR [--dolly PATH] a direct transformers forward of an HF teacher over Dolly rows (float32 log-softmax,
-                               exact top-K and tail); --logits-from is an alias of --teacher. Default teacher:
-                               ~/.cache/rlkd/teachers/SmolLM2-135M-Instruct when present.
-  --tiny                       the tiny random test model from tests/tiny.py (no download, ids from a 512 vocab)
+  --teacher DIR --dolly FILE   a direct transformers forward of an HF teacher over Dolly rows (float32 log-softmax,
+                               exact top-K and tail); --logits-from is an alias of --teacher. Default teacher: the one
+                               `rlkd convert-teacher` makes; default Dolly file: $RLKD_BENCH_DATA/dev.jsonl.
+  --smoke                      the tiny random test model from tests/tiny.py over the packaged Dolly sample, a few
+                               rows (ids from a 512 vocab): a check that the bench runs, in seconds
 
 Definitions printed:
   B/pos        total shard bytes (all columns: ids, log-probs, tail, targets, input ids, masks) / scored positions.
@@ -14,7 +15,7 @@ Definitions printed:
                (entropy in bits of that column's empirical symbol distribution) / 8, summed over columns. Columns:
                top-k ids, q8 delta bytes, fp16 top-1 bit patterns, float32 tail/target-logprob bit patterns, target
                ranks, input ids, loss-mask bits, counts. ratio = B/pos / floor. It leaves out row_id and
-               source_index (bookkeeping, ~0.15 B/pos) and the Parquet footer/page headers; it counts everything else
+               source_index (bookkeeping) and the Parquet footer/page headers; it counts everything else
                the format must hold (tail, target log-prob and rank, input ids, loss mask, counts).
   byteplane    the same floor with the float columns (fp16 top-1, fp32 tail and target log-prob) counted one byte
                plane at a time: their whole bit patterns are nearly all distinct, so their order-0 entropy is about
@@ -23,10 +24,13 @@ Definitions printed:
   KL err       mean over positions of KL(p || q) between the renormalised top-k of the exact (float32) log-probs p
                and of the decoded ones q.
   max err      max |decoded - exact| over entries within 15.8 nat of their top-1 (q8 cannot saturate there).
-  write/read   positions per CPU-second (process time, so other load on the machine does not count), one thread: CacheWriter.write of all rows; CacheReader full pass, each batch padded
-               by rlkd.core.targets.collate (batch 8, no shuffle); "decode" = iter_rows (unpadded numpy).
+  write/read   positions per CPU-second (process time, so other load on the machine does not count), one thread:
+               CacheWriter.write of all rows; CacheReader full pass, each batch padded by rlkd.core.targets.collate
+               (batch 8, no shuffle); "decode" = iter_rows (unpadded numpy).
 
-Run: python bench/cache_codec.py [--rows 200] [--json out.json]
+Byte figures are exact (no rounds, no interval); the write/read rates are single measurements, reported as info.
+
+Run: python bench/cache_codec.py --dolly dev.jsonl [--rows 200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,12 +56,13 @@ import pyarrow.parquet as pq  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import data_file, default_teacher, dolly_sample, smoke_teacher  # noqa: E402
 from rlkd.cache import CacheReader, CacheWriter, TeacherRow, adaptive_counts, make_row_id  # noqa: E402
 from rlkd.cache.codec import encode_q8  # noqa: E402
 from rlkd.core.targets import collate  # noqa: E402
 
-DEFAULT_TEACHER = Path.home() / ".cache/rlkd/teachers/SmolLM2-135M-Instruct"
-DEFAULT_DOLLY = REPO.parent / "shared/data/dolly/dev.jsonl"
+SMOKE = {"rows": 4, "max_len": 48}
+"""--smoke sizes; k and the min_prob values stay as in a full run, so the JSON has the same entries."""
 
 
 @dataclass
@@ -325,8 +330,9 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", type=Path, help="an existing cache dir made by stage 1")
     src.add_argument("--teacher", "--logits-from", dest="teacher", type=Path, help="HF teacher folder")
-    src.add_argument("--tiny", action="store_true", help="use the tiny random test model")
-    ap.add_argument("--dolly", type=Path, default=DEFAULT_DOLLY, help="Dolly jsonl (default ../shared/...)")
+    src.add_argument("--smoke", action="store_true",
+                     help="the tiny random test model over the packaged Dolly sample, a few rows: a check, seconds")
+    ap.add_argument("--dolly", type=Path, default=None, help="Dolly jsonl [$RLKD_BENCH_DATA/dev.jsonl]")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--ks", default="20,64")
@@ -336,14 +342,15 @@ def main(argv=None) -> int:
     ap.add_argument("--save-cache", type=Path,
                     help="write the teacher's exact top-K (fp32 cache) here, to rerun later with --data")
     args = ap.parse_args(argv)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
-    try:
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    else:  # one core for the rates; a smoke run (maybe inside the test process) leaves the thread settings alone
+        pa.set_cpu_count(1)
+        pa.set_io_thread_count(1)
         import torch
 
         torch.set_num_threads(1)
-    except ImportError:
-        pass
     ks = [int(k) for k in args.ks.split(",")]
     K = max(ks + [args.adaptive_k])
 
@@ -357,17 +364,15 @@ def main(argv=None) -> int:
             if args.adaptive_k > K_have:
                 args.adaptive_k = K_have
         else:
-            if args.tiny or (args.teacher is None and not DEFAULT_TEACHER.is_dir()):
-                from tests import tiny
-
-                tiny.make_tokenizer(tmp / "tok")
-                tiny.make_llama(tmp / "tiny", tmp / "tok", seed=0)
-                teacher = tmp / "tiny"
+            if args.smoke:
+                teacher = smoke_teacher(tmp)
                 K = min(K, 256)
+                args.dolly = args.dolly or dolly_sample()
             else:
-                teacher = args.teacher or DEFAULT_TEACHER
-            if not args.dolly.is_file():
-                raise SystemExit(f"Dolly file {args.dolly} not found: pass --dolly PATH")
+                teacher = args.teacher or default_teacher()
+                if not (teacher / "config.json").is_file():
+                    ap.error(f"--teacher: no model at {teacher}; run `rlkd convert-teacher` or pass --teacher DIR")
+                args.dolly = data_file(args.dolly, "dev.jsonl", ap, flag="--dolly")
             data = topk_from_model(teacher, args.dolly, args.rows, K, args.max_len)
             source = f"transformers forward of {teacher} over {len(data)} rows of {args.dolly}"
         if args.save_cache and not args.data:

@@ -3,9 +3,10 @@
 Each variant runs in its own subprocess. The figure is the peak of live tensor bytes during the step above the inputs
 (hidden states, LM-head weight, teacher targets), counted by ``stage2.LiveTensorBytes`` (CPU's counterpart of
 ``torch.cuda.max_memory_allocated``); the growth of the process's peak RSS is reported beside it, but glibc keeps
-freed heap, so it varies from run to run. CPU only, float32.
+freed heap, so it varies from run to run. CPU only, float32. Memory figures are exact: no rounds, no interval.
 
-    python bench/loss_memory.py --positions 4096 --vocab 49152 --hidden 576 --chunk-size 256
+    python bench/loss_memory.py --positions 4096 --vocab 49152 --hidden 576 --chunk-size 256 [--json out.json]
+    python bench/loss_memory.py --smoke      # tiny sizes, every variant in this process: a check, seconds
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+SMOKE = {"positions": 64, "vocab": 512, "hidden": 32, "k": 8, "chunk_size": 16}
+"""--smoke sizes."""
 VARIANTS = ("naive_ce", "chunked_ce", "chunked_ce_eager", "naive_kd_rank", "chunked_kd_rank", "chunked_kd_rank_eager")
 
 
@@ -64,34 +68,49 @@ def run_one(variant: str, n: int, vocab: int, hid: int, k: int, chunk: int) -> d
             "seconds": round(seconds, 2), "inputs_mb": round(inputs / 2**20, 1)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--positions", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--json", type=Path, default=None, help="also write the summary to this file")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, every variant in this process (its RSS figures then mean nothing)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
     if args.variant:
-        print(json.dumps(run_one(args.variant, args.positions, args.vocab, args.hidden, args.k, args.chunk_size)))
-        return
+        res = run_one(args.variant, args.positions, args.vocab, args.hidden, args.k, args.chunk_size)
+        print(json.dumps(res))
+        return res
     results = []
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--positions", str(args.positions), "--vocab",
-               str(args.vocab), "--hidden", str(args.hidden), "--k", str(args.k), "--chunk-size", str(args.chunk_size)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        if args.smoke:
+            results.append(run_one(variant, args.positions, args.vocab, args.hidden, args.k, args.chunk_size))
+        else:  # one subprocess each: no variant inherits another's heap
+            cmd = [sys.executable, __file__, "--variant", variant, "--positions", str(args.positions), "--vocab",
+                   str(args.vocab), "--hidden", str(args.hidden), "--k", str(args.k), "--chunk-size",
+                   str(args.chunk_size)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     by = {r["variant"]: r for r in results}
-    print(json.dumps({
-        "config": vars(args) | {"variant": None},
+    summary = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("variant", "json")},
+        "variants": by,
         "chunked_kd_rank / naive_kd_rank": round(by["chunked_kd_rank"]["peak_growth_mb"]
                                                  / by["naive_kd_rank"]["peak_growth_mb"], 3),
         "chunked_kd_rank / chunked_ce": round(by["chunked_kd_rank"]["peak_growth_mb"]
                                               / by["chunked_ce"]["peak_growth_mb"], 3),
-        "chunked_kd_rank / naive_ce (time)": round(by["chunked_kd_rank"]["seconds"] / by["naive_ce"]["seconds"], 3),
-    }))
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "variants"}))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ epoch of ``CacheReader`` (the trainer's reader: batches, collate included) per a
 
 Bytes are counted by the server (response bodies of GETs of shard objects), independent of rlkd's own counters.
 Goals (issue #15): remote ÷ local positions/s >= 0.8 with prefetch on; remote reader >= 20x the trainer's
-consumption (``--trainer-positions-per-s``, or derived from stage2's reader ÷ trainer figure); epoch 1 downloads
-about 1x the cache's bytes, epoch 2 with the local cache about 0. Usage::
+consumption (``--trainer-positions-per-s``, which ``run_all.py`` takes from stage2's result); epoch 1 downloads
+about 1x the cache's bytes, epoch 2 with the local cache about 0. Timed ratios come with a 95% interval over the
+paired rounds (``bench/_common.py``). Usage::
 
-    python bench/remote_read.py CACHE [--prefetch 4] [--rounds 3] [--json out.json]
+    python bench/remote_read.py CACHE [--prefetch 4] [--rounds 5] [--json out.json]
     python bench/remote_read.py --dolly 800 --shard-mb 2 --row-group-rows 32   # a real Dolly cache (SmolLM2 teacher)
     python bench/remote_read.py --synthetic 2000000 --dir /tmp/rlkd-bench-remote   # a realistic synthetic cache
     python bench/remote_read.py --smoke                                            # seconds, tiny cache
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -39,9 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-STAGE2_READER_OVER_TRAINER = 2288.0
-"""bench/RESULTS.md, stage2: local cache reader ÷ trainer rate on the Dolly cache (used when no trainer rate is
-given: remote ÷ trainer = remote ÷ local x local ÷ trainer)."""
+from _common import data_file, default_teacher, format_interval, ratio_interval  # noqa: E402
 
 
 def build_synthetic(path: Path, positions: int, shard_mb: float, row_group_rows: int = 256, seed: int = 0) -> None:
@@ -112,35 +112,40 @@ def epoch(reader, e: int) -> tuple[int, float]:
     reader.set_epoch(e)
     positions = 0
     t0 = time.perf_counter()
-    for b in reader:
-        positions += int(b["attention_mask"].sum() - b["attention_mask"].shape[0])
+    for rows in reader:
+        positions += sum(r.num_positions for r in rows)
     return positions, time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cache", nargs="?", help="a local cache folder to upload and read")
     ap.add_argument("--synthetic", type=int, metavar="POSITIONS", help="build a synthetic cache of this many positions")
     ap.add_argument("--dolly", type=int, metavar="ROWS",
                     help="build a real cache: the first ROWS rows of --data scored by --teacher (transformers)")
-    ap.add_argument("--teacher", type=Path, default=Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser())
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dolly" / "train.jsonl")
+    ap.add_argument("--teacher", type=Path, default=None, help="HF teacher folder [rlkd convert-teacher's]")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="the Dolly train.jsonl of --dolly [$RLKD_BENCH_DATA/train.jsonl]")
     ap.add_argument("--shard-mb", type=float, default=8.0, help="shard size of built caches (default 8 MB)")
     ap.add_argument("--row-group-rows", type=int, default=256, help="row groups of --synthetic caches")
     ap.add_argument("--dir", default=None, help="where --synthetic builds (and keeps) its cache")
-    ap.add_argument("--smoke", action="store_true", help="a tiny synthetic cache and one round: seconds")
+    ap.add_argument("--smoke", action="store_true", help="a tiny synthetic cache and two rounds: seconds")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--prefetch", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (each arm once per round); best is kept")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="timed rounds (each arm once per round); ratios get a 95%% interval over them")
     ap.add_argument("--trainer-positions-per-s", type=float, default=None,
                     help="the trainer's consumption (bench/stage2.py's trainer_positions_per_s)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.synthetic, args.shard_mb, args.rounds = args.synthetic or 30_000, 0.25, 1
+        args.synthetic, args.shard_mb, args.rounds = args.synthetic or 30_000, 0.25, 2
         args.row_group_rows = 8
     if not args.cache and not args.synthetic and not args.dolly:
         ap.error("give a CACHE folder, --dolly ROWS, --synthetic POSITIONS or --smoke")
+    if args.dolly:
+        args.data = data_file(args.data, "train.jsonl", ap)
+        args.teacher = args.teacher or default_teacher()
 
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         os.environ.pop(name, None)
@@ -174,6 +179,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, args)
+    return results
 
 
 def run(cache: Path, args, work: Path) -> dict:
@@ -211,7 +217,7 @@ def run(cache: Path, args, work: Path) -> dict:
         }
         next(iter(arms["local"]))  # warm-up (imports, first allocations), untimed
         arms["local"].reset()
-        best: dict[str, float] = {}
+        rates: dict[str, list[float]] = {}
         bytes_epoch: dict[str, int] = {}
         positions = None
         for r in range(args.rounds):
@@ -220,7 +226,7 @@ def run(cache: Path, args, work: Path) -> dict:
                 n, s = epoch(reader, r)
                 positions = positions or n
                 assert n == positions, f"{name} read {n} positions, {positions} expected"
-                best[name] = max(best.get(name, 0.0), n / s)
+                rates.setdefault(name, []).append(n / s)
                 bytes_epoch.setdefault(name, served(since))
             # the local cache: epoch 1 downloads into a fresh folder, epoch 2 reads it
             lc = work / f"local-cache-{r}"
@@ -229,11 +235,11 @@ def run(cache: Path, args, work: Path) -> dict:
                 since = log_size()
                 n, s = epoch(cached, e)
                 assert n == positions
-                best[name] = max(best.get(name, 0.0), n / s)
+                rates.setdefault(name, []).append(n / s)
                 bytes_epoch.setdefault(name, served(since))
             shutil.rmtree(lc, ignore_errors=True)
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v:,.0f}" for k, v in best.items())
-                  + " positions/s (best so far)", flush=True)
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items())
+                  + " positions/s", flush=True)
     finally:
         proc.terminate()
         proc.wait()
@@ -241,33 +247,35 @@ def run(cache: Path, args, work: Path) -> dict:
         "cache_bytes": size, "shards": len(manifest["shards"]), "positions": positions,
         "row_groups": sum(len(s.get("row_group_rows", [])) for s in manifest["shards"]),
         "upload_seconds": upload_s, "prefetch": args.prefetch, "batch_size": args.batch_size, "rounds": args.rounds,
-        "positions_per_s": best, "bytes_downloaded": bytes_epoch,
+        "positions_per_s_per_round": rates, "bytes_downloaded": bytes_epoch,
     }
 
 
 def report(res: dict, args) -> None:
-    pps, by = res["positions_per_s"], res["bytes_downloaded"]
-    local, size = pps["local"], res["cache_bytes"]
-    res["remote_over_local"] = pps["remote"] / local
-    res["remote_cached_epoch2_over_local"] = pps["remote_cached_epoch2"] / local
+    """Ratios with 95% intervals over the paired rounds (bench/_common.py), printed and written to ``--json``."""
+    rates, by, size = res["positions_per_s_per_round"], res["bytes_downloaded"], res["cache_bytes"]
+    local = rates["local"]
+    res["positions_per_s"] = {name: statistics.mean(v) for name, v in rates.items()}
+    res["remote_over_local"] = ratio_interval(rates["remote"], local)
+    res["remote_no_prefetch_over_local"] = ratio_interval(rates["remote_p0"], local)
+    res["remote_cached_epoch2_over_local"] = ratio_interval(rates["remote_cached_epoch2"], local)
     res["epoch1_bytes_over_cache"] = by["remote"] / size
     res["epoch1_cached_bytes_over_cache"] = by["remote_cached_epoch1"] / size
     res["epoch2_cached_bytes_over_cache"] = by["remote_cached_epoch2"] / size
     if args.trainer_positions_per_s:
         res["trainer_positions_per_s"] = args.trainer_positions_per_s
-        res["remote_over_trainer"] = pps["remote"] / args.trainer_positions_per_s
+        res["remote_over_trainer"] = ratio_interval(rates["remote"], [args.trainer_positions_per_s] * len(local))
         res["remote_over_trainer_source"] = "--trainer-positions-per-s"
-    else:
-        res["remote_over_trainer"] = res["remote_over_local"] * STAGE2_READER_OVER_TRAINER
-        res["remote_over_trainer_source"] = "remote ÷ local here × local reader ÷ trainer in bench/RESULTS.md"
     print(f"\n{res['cache_description']}: {res['shards']} shards, {res['row_groups']} row groups, "
           f"{size / 1e6:.1f} MB, {res['positions']:,} positions; batch {res['batch_size']}, prefetch "
-          f"{res['prefetch']}, best of {res['rounds']} round(s)")
-    for name, v in pps.items():
-        print(f"  {name:<22} {v:>12,.0f} positions/s   {v / local:5.2f}x local   "
-              f"downloaded {by[name] / 1e6:8.2f} MB ({by[name] / size:.3f}x the cache)")
-    print(f"remote ÷ local (prefetch {res['prefetch']}): {res['remote_over_local']:.2f} (goal >= 0.8)")
-    print(f"remote ÷ trainer: {res['remote_over_trainer']:,.0f}x (goal >= 20; {res['remote_over_trainer_source']})")
+          f"{res['prefetch']}, {res['rounds']} round(s)")
+    for name, v in res["positions_per_s"].items():
+        print(f"  {name:<22} {v:>12,.0f} positions/s (mean)   downloaded {by[name] / 1e6:8.2f} MB "
+              f"({by[name] / size:.3f}x the cache)")
+    print(f"remote ÷ local (prefetch {res['prefetch']}): {format_interval(res['remote_over_local'], '{:.2f}')} "
+          "(goal >= 0.8)")
+    if "remote_over_trainer" in res:
+        print(f"remote ÷ trainer: {format_interval(res['remote_over_trainer'], '{:,.0f}')}x (goal >= 20)")
     print(f"epoch 1 downloads {res['epoch1_bytes_over_cache']:.3f}x the cache (ranged reads), "
           f"{res['epoch1_cached_bytes_over_cache']:.3f}x with the local cache (goal ~1); epoch 2 with the local "
           f"cache {res['epoch2_cached_bytes_over_cache']:.3f}x (goal ~0)")

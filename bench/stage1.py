@@ -7,16 +7,21 @@ One process, one model, one data set, one machine. Prints tokens/s for
   (c) rlkd cache-teacher end to end with the same engine: formatting, engine, row building, encoding, shards;
   (d) the HF engine (transformers forward, log_softmax, top-k, ranks);
 
-(a), (b) and (c) are timed ``--repeats`` times, interleaved (a b c a b c ...), and each keeps its best run, so a
-burst of load on a shared machine hits one sample rather than one side of a ratio. Then it prints
-the ratios c/b (our own overhead; goal >= 0.95) and c / (a * F_last/F_all) (the FLOP ceiling; goal >= 0.90),
-where F_last/F_all is FLOPs per token with the LM head once per sequence over FLOPs with it at every position,
-from the model config (rlkd.pipeline.engines.lm_head_flop_fraction).
+(a), (b) and (c) are timed in ``--repeats`` rounds, each running all three once in an order rotated every round.
+Then it prints the ratios c/b (our own overhead; goal >= 0.95) and c / (a * F_last/F_all) (the FLOP ceiling; goal
+>= 0.90), where F_last/F_all is FLOPs per token with the LM head once per sequence over FLOPs with it at every
+position, from the model config (rlkd.pipeline.engines.lm_head_flop_fraction). Each ratio is the geometric mean
+of its per-round ratios (the sides of a ratio run seconds apart in the same round, so slow changes of the machine's
+load cancel) with its 95% interval over the rounds (``bench/_common.py``); a goal is met only when the whole
+interval is inside it.
+Wall-clock time: vLLM's engine threads do the work, and the figure is what a user waits for.
 
-    OMP_NUM_THREADS=2 python bench/stage1.py                      # SmolLM2-135M-Instruct, 200 Dolly dev rows
+    OMP_NUM_THREADS=2 python bench/stage1.py --data dev.jsonl     # SmolLM2-135M-Instruct, 200 Dolly dev rows
     python bench/stage1.py --teacher PATH --rows 50 --profile     # plus a cProfile of the stock path
+    python bench/stage1.py --smoke                                # the tests' tiny teacher: a check, not a figure
 
-The default teacher is made by `rlkd convert-teacher`; the default data is ../shared/data/dolly/dev.jsonl.
+The default teacher is made by `rlkd convert-teacher`; the data is databricks-dolly-15k dev.jsonl (``--data``, or
+``$RLKD_BENCH_DATA/dev.jsonl``).
 """
 
 from __future__ import annotations
@@ -27,14 +32,15 @@ import io
 import json
 import os
 import pstats
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TEACHER = Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser()
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "dev.jsonl"
+from _common import data_file, default_teacher, dolly_sample, format_interval, ratio_interval, smoke_teacher
+
+SMOKE = {"rows": 6, "max_length": 256, "batch_size": 8, "repeats": 2, "hf_rows": 2, "enforce_eager": True}
+"""--smoke sizes (the tiny teacher; vLLM without torch.compile)."""
 
 
 def _env(tmp: str) -> None:
@@ -54,10 +60,12 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def main(argv=None) -> dict:
+def main(argv=None, llm=None) -> dict:
+    """Run the benchmark; ``llm``: a ready ``vllm.LLM`` of the same teacher (the tests' shared engine), else one is
+    started here."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="HF model folder [%(default)s]")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="Dolly-shaped jsonl [%(default)s]")
+    ap.add_argument("--teacher", default=None, help="HF model folder [rlkd convert-teacher's]")
+    ap.add_argument("--data", type=Path, default=None, help="Dolly-shaped jsonl [$RLKD_BENCH_DATA/dev.jsonl]")
     ap.add_argument("--rows", type=int, default=200, help="source rows to use [%(default)s]")
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--dtype", default="float32",
@@ -70,19 +78,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--hf-rows", type=int, default=None,
                     help="(d) on the first N sequences only (it is the slow reference) [all]")
     ap.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile (faster start)")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="time (a), (b), (c) this many times, interleaved; each figure is the best [%(default)s]")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="rounds of (a), (b), (c); the ratios' intervals are over them [%(default)s]")
     ap.add_argument("--profile", action="store_true", help="cProfile the stock prompt_logprobs path (b) once more")
     ap.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the tests' tiny teacher and the packaged Dolly sample, a few rows: a check, seconds")
     args = ap.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="rlkd-bench-stage1-")
     _env(tmp)
-    teacher = Path(args.teacher).expanduser()
-    if not (teacher / "config.json").is_file():
-        sys.exit(f"teacher {teacher} not found: run `rlkd convert-teacher` first, or pass --teacher PATH")
-    if not Path(args.data).is_file():
-        sys.exit(f"data {args.data} not found: pass --data FILE.jsonl")
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        teacher = Path(args.teacher) if args.teacher else smoke_teacher(Path(tmp))
+        args.data = args.data or dolly_sample()
+    else:
+        teacher = Path(args.teacher).expanduser() if args.teacher else default_teacher()
+        if not (teacher / "config.json").is_file():
+            ap.error(f"--teacher: no model at {teacher}; run `rlkd convert-teacher` first, or pass --teacher PATH")
+        args.data = data_file(args.data, "dev.jsonl", ap)
 
     from transformers import AutoConfig, AutoTokenizer
     from vllm import SamplingParams
@@ -97,7 +112,7 @@ def main(argv=None) -> dict:
 
     def cfg_for(out: str) -> CacheTeacherConfig:
         return build_config(CacheTeacherConfig, {
-            "teacher": str(teacher), "dataset": args.data, "out": out, "limit": args.rows, "top_k": args.top_k,
+            "teacher": str(teacher), "dataset": str(args.data), "out": out, "limit": args.rows, "top_k": args.top_k,
             "dtype": args.dtype, "max_length": args.max_length, "batch_size": args.batch_size, "codec": args.codec,
         })
 
@@ -114,17 +129,18 @@ def main(argv=None) -> dict:
           f"(mean {tokens / len(seqs):.0f}), k={args.top_k}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
           f"F_last/F_all={frac:.3f}", flush=True)
 
-    from vllm import LLM
+    if llm is None:
+        from vllm import LLM
 
-    # Built here rather than by VLLMEngine only to turn prefix caching off: (a) would otherwise skip the shared chat
-    # prefix (and the warm-up's prompts) while prompt_logprobs requests must compute every position, which would
-    # flatter the ceiling. Everything else is what VLLMEngine sets.
-    llm, t_start = _timed(lambda: LLM(
-        model=str(teacher), max_logprobs=args.top_k, logprobs_mode="raw_logprobs", skip_tokenizer_init=True,
-        dtype=args.dtype, max_model_len=args.max_length, enforce_eager=args.enforce_eager,
-        enable_prefix_caching=False, seed=0))
+        # Built here rather than by VLLMEngine only to turn prefix caching off: (a) would otherwise skip the shared
+        # chat prefix (and the warm-up's prompts) while prompt_logprobs requests must compute every position, which
+        # would flatter the ceiling. Everything else is what VLLMEngine sets.
+        llm, t_start = _timed(lambda: LLM(
+            model=str(teacher), max_logprobs=args.top_k, logprobs_mode="raw_logprobs", skip_tokenizer_init=True,
+            dtype=args.dtype, max_model_len=args.max_length, enforce_eager=args.enforce_eager,
+            enable_prefix_caching=False, seed=0))
+        print(f"vLLM engine start: {t_start:.1f} s", flush=True)
     engine = VLLMEngine(llm=llm, k=args.top_k)
-    print(f"vLLM engine start: {t_start:.1f} s", flush=True)
     prefill = SamplingParams(max_tokens=1, detokenize=False)
     stock = SamplingParams(max_tokens=1, prompt_logprobs=args.top_k, detokenize=False, flat_logprobs=True)
     # Warm-up: compile / allocate for both paths on a few short prompts.
@@ -134,24 +150,22 @@ def main(argv=None) -> dict:
     res: dict = {"teacher": str(teacher), "dtype": args.dtype, "rows": len(seqs), "tokens": tokens,
                  "top_k": args.top_k, "f_last_over_f_all": frac, "threads": os.environ["OMP_NUM_THREADS"]}
     samples: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    summaries = []
+    labels = {"a": "prefill only         ", "b": "stock prompt_logprobs", "c": "rlkd cache-teacher   "}
+
+    def run_c(r: int) -> None:
+        summaries.append(cache_teacher(cfg_for(os.path.join(tmp, f"cache-{r}")), engine=engine, progress=False))
+        assert summaries[-1]["tokens"] == tokens, (summaries[-1]["tokens"], tokens)
+
+    paths = {"a": lambda r: llm.generate(prompts, prefill, use_tqdm=False),
+             "b": lambda r: llm.generate(prompts, stock, use_tqdm=False), "c": run_c}
     for r in range(args.repeats):
-        _, t_a = _timed(lambda: llm.generate(prompts, prefill, use_tqdm=False))
-        samples["a"].append(t_a)
-        print(f"[{r + 1}/{args.repeats}] (a) prefill only          {tokens / t_a:9,.0f} tok/s  ({t_a:.1f} s)",
-              flush=True)
-        _, t_b = _timed(lambda: llm.generate(prompts, stock, use_tqdm=False))
-        samples["b"].append(t_b)
-        print(f"[{r + 1}/{args.repeats}] (b) stock prompt_logprobs {tokens / t_b:9,.0f} tok/s  ({t_b:.1f} s)",
-              flush=True)
-        out = os.path.join(tmp, f"cache-{r}")
-        run_summary, t_c = _timed(lambda: cache_teacher(cfg_for(out), engine=engine, progress=False))
-        assert run_summary["tokens"] == tokens, (run_summary["tokens"], tokens)
-        samples["c"].append(t_c)
-        if t_c <= min(samples["c"]):
-            summary = run_summary
-        print(f"[{r + 1}/{args.repeats}] (c) rlkd cache-teacher    {tokens / t_c:9,.0f} tok/s  ({t_c:.1f} s; "
-              f"engine.score {run_summary['engine_seconds']:.1f} s)", flush=True)
-    t_a, t_b, t_c = (min(samples[x]) for x in "abc")
+        for x in "abc"[r % 3:] + "abc"[:r % 3]:  # the order rotates every round
+            _, t = _timed(lambda: paths[x](r))
+            samples[x].append(t)
+            print(f"[{r + 1}/{args.repeats}] ({x}) {labels[x]} {tokens / t:9,.0f} tok/s  ({t:.1f} s)", flush=True)
+    t_a, t_b, t_c = (statistics.median(samples[x]) for x in "abc")
+    summary = summaries[samples["c"].index(min(samples["c"]))]  # the quickest (c): its own breakdown
     res["samples_s"] = samples
     res["a_prefill_tok_s"] = tokens / t_a
     res["b_stock_tok_s"] = tokens / t_b
@@ -160,15 +174,16 @@ def main(argv=None) -> dict:
     # The scoring loop alone (formatting, engine, rows, encoding, writing), without the one-time set-up (tokenizer
     # and dataset loading, identity hashing, opening the cache), which a real run amortises over many rows.
     res["c_loop_tok_s"] = tokens / summary["loop_seconds"]
-    res["c_setup_s"] = t_c - summary["loop_seconds"]
+    res["c_setup_s"] = min(samples["c"]) - summary["loop_seconds"]
     res["c_bytes_per_token"] = summary["bytes_per_token"]
-    print(f"best of {args.repeats}:", flush=True)
+    print(f"median of {args.repeats} rounds:", flush=True)
     print(f"(a) prefill only          {res['a_prefill_tok_s']:9,.0f} tok/s  ({t_a:.1f} s)", flush=True)
     print(f"(b) stock prompt_logprobs {res['b_stock_tok_s']:9,.0f} tok/s  ({t_b:.1f} s)", flush=True)
-    print(f"(c) rlkd cache-teacher    {res['c_cache_teacher_tok_s']:9,.0f} tok/s  ({t_c:.1f} s; engine.score "
-          f"{summary['engine_seconds']:.1f} s, {summary['bytes_per_token']:.1f} bytes/token)", flush=True)
-    print(f"(c') its scoring loop     {res['c_loop_tok_s']:9,.0f} tok/s  (one-time set-up {res['c_setup_s']:.1f} s "
-          "excluded)", flush=True)
+    print(f"(c) rlkd cache-teacher    {res['c_cache_teacher_tok_s']:9,.0f} tok/s  ({t_c:.1f} s; quickest round: "
+          f"engine.score {summary['engine_seconds']:.1f} s, {summary['bytes_per_token']:.1f} bytes/token)",
+          flush=True)
+    print(f"(c') its scoring loop     {res['c_loop_tok_s']:9,.0f} tok/s  (quickest round, one-time set-up "
+          f"{res['c_setup_s']:.1f} s excluded)", flush=True)
     if not args.skip_hf:
         hf = HFEngine(teacher, k=args.top_k, dtype=args.dtype, device="cpu")
         hf.score(seqs[:2])  # warm-up
@@ -182,15 +197,18 @@ def main(argv=None) -> dict:
 
     ceiling = res["a_prefill_tok_s"] * frac
     res["ceiling_tok_s"] = ceiling
-    res["b_over_a"] = res["b_stock_tok_s"] / res["a_prefill_tok_s"]
-    res["c_over_b"] = res["c_cache_teacher_tok_s"] / res["b_stock_tok_s"]
+    # Rates over rates of one round: c/b = t_b / t_c; c / (a x frac) = t_a / (t_c x frac).
+    res["b_over_a"] = ratio_interval(samples["a"], samples["b"])
+    res["c_over_b"] = ratio_interval(samples["b"], samples["c"])
+    res["b_over_ceiling"] = ratio_interval(samples["a"], samples["b"], scale=1 / frac)
+    res["c_over_ceiling"] = ratio_interval(samples["a"], samples["c"], scale=1 / frac)
     res["c_loop_over_b"] = res["c_loop_tok_s"] / res["b_stock_tok_s"]
-    res["b_over_ceiling"] = res["b_stock_tok_s"] / ceiling
-    res["c_over_ceiling"] = res["c_cache_teacher_tok_s"] / ceiling
-    print(f"ratios: b/a = {res['b_over_a']:.3f}   c/b = {res['c_over_b']:.3f} (goal >= 0.95; loop only "
-          f"{res['c_loop_over_b']:.3f})   "
-          f"b/ceiling = {res['b_over_ceiling']:.3f}   c/ceiling = {res['c_over_ceiling']:.3f} (goal >= 0.90; "
-          f"ceiling = a x {frac:.3f} = {ceiling:,.0f} tok/s)", flush=True)
+    print(f"ratios, geometric mean of the per-round ratios [95% interval]:\n"
+          f"  b/a       = {format_interval(res['b_over_a'])}\n"
+          f"  c/b       = {format_interval(res['c_over_b'])}   (goal >= 0.95; loop only {res['c_loop_over_b']:.3f})\n"
+          f"  b/ceiling = {format_interval(res['b_over_ceiling'])}\n"
+          f"  c/ceiling = {format_interval(res['c_over_ceiling'])}   (goal >= 0.90; ceiling = a x {frac:.3f} = "
+          f"{ceiling:,.0f} tok/s)", flush=True)
     print(format_summary(summary))
 
     if args.profile:

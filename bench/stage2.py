@@ -2,10 +2,7 @@
 
 Measures (CPU by default; ``--device cuda`` for bf16 on a GPU):
 
-1. **Step time** of one optimizer step on the same batches, interleaved round-robin so machine noise hits all
-   variants alike; each variant runs on the same batch in a round, in an order rotated every round, and a ratio is
-   the median over ``--steps`` rounds of the per-round ratio (paired; the unpaired ratios of medians are kept in the
-   JSON beside it):
+1. **Step time** of one optimizer step on the same batches, for the variants
    - ``kd_rank``: the trainer's own step (:func:`rlkd.trainer.loop.train_step`) with the default loss
      (sparse forward KL + 2 x RLKD rank loss) from cached targets;
    - ``kd_only``: the same with ``rank_weight=0`` (gives the ranking loss's overhead);
@@ -13,7 +10,28 @@ Measures (CPU by default; ``--device cuda`` for bf16 on a GPU):
    - ``ce_hf``: plain transformers fine-tuning, ``model(input_ids, labels=...)`` (full logits);
    - ``online_kd``: the teacher held in memory and run on every batch (no grad), its top-k taken on the fly, then
      the same student step: what the cache saves.
-   Goals: kd_rank <= 1.05 x ce; online_kd >= 1.8 x kd_rank; rank overhead <= 3%.
+   Goals: kd_rank <= 1.05 x ce; kd_rank <= 0.55 x online_kd; rank overhead (kd_rank / kd_only - 1) <= 3%.
+
+   How a goal is decided. Each of ``--steps`` rounds runs every variant once on the same batch, in an order rotated
+   every round (no variant always runs first or right after another), then times the loss head alone (the LM head
+   and the loss, forward and backward, on that batch's hidden states) of kd_rank, kd_only and ce_chunked
+   ``--head-repeats`` times each. A figure comes with its 95% interval over the rounds (``bench/_common.py``), and
+   a goal is met only when the whole interval is inside it.
+
+   The clock (``--clock cpu --threads 1``, the default on CPU) is the CPU time of one thread. On a shared machine a
+   step's wall time also counts the time other processes held the core, which moves single steps by many percent
+   and does not cancel within a round; with two threads, CPU time counts the spin-waits of one thread waiting for
+   the other, which grow with the machine's load. One thread's CPU time is the work the step does. On a GPU the
+   clock is wall time after a device synchronisation.
+
+   KD+rank / CE and the rank overhead sit within a few percent of their goals, and a ratio of whole steps cannot
+   resolve that: the steps differ by a small share of their time, and each step's own noise swamps it. But kd_rank,
+   kd_only and ce_chunked run the same ``train_step`` and differ only in the loss head, so per round
+   ``KD+rank / CE = 1 + (head_kd_rank - head_ce) / step_ce`` and ``overhead = (head_kd_rank - head_kd) / step_kd``:
+   the head's noise enters scaled down by its share of the step. These two are means over the rounds with a
+   t-interval; the whole-step ratios are reported beside them (``steps.whole_step``). The other two figures are far
+   from their goals and are whole-step ratios: the geometric mean of the per-round ratios, with a t-interval on
+   their logs.
 2. **Peak memory** of one step at ``--mem-seq-len`` (4096) positions with the teacher's 49,152-token vocabulary, each
    variant in its own subprocess: ``naive`` (the whole (T, V) logits, then the same loss), ``chunked`` (KD+rank,
    :func:`chunked_distill_loss` as the trainer calls it), ``chunked_ce`` (CE only, chunked) and a ``model_only``
@@ -21,27 +39,29 @@ Measures (CPU by default; ``--device cuda`` for bf16 on a GPU):
    ``naive_log_softmax`` (full logits, an explicit log_softmax, then the loss, as most KD code does).
    The figure is the peak of live tensor bytes (:class:`LiveTensorBytes` on CPU, ``max_memory_allocated`` on GPU):
    parameters + gradients + optimizer state (``--mem-optimizer``: an AdamW step, measured on the second step) +
-   activations + the head's tensors. Process peak RSS is reported beside it, but it adds ~0.5 GB of interpreter and
-   libraries and glibc's unreturned heap to every variant alike, which pulls every ratio towards 1.
+   activations + the head's tensors. It is exact, so it needs no interval. Process peak RSS is reported beside it,
+   but it adds the interpreter, the libraries and glibc's unreturned heap to every variant alike, which pulls every
+   ratio towards 1.
    Goals: chunked <= 0.5 x naive and <= 1.2 x chunked CE-only, without and with gradient checkpointing of the
    student's layers (``--mem-gradient-checkpointing off|on|both``, default both; the headline is the worse).
    ``--chunk-size`` sets the positions per chunk: the head's tensors grow with chunk_size x V.
 3. **Reader rate**: positions/s the CacheReader decodes and :func:`rlkd.core.targets.collate` pads into batches vs
-   positions/s the trainer consumes. Goal >= 20x.
+   positions/s the trainer consumes, paired per round (one pass over the cache after the round's steps). Goal >= 20x.
 
-Inputs: the SmolLM2-135M-Instruct teacher (``rlkd convert-teacher``, default ``~/.cache/rlkd/teachers/...``), a
-student made from it by keeping 6 of its 30 layers (``--student``, or made here with
-:func:`rlkd.models.make_student_from_layers`), and databricks-dolly-15k rows (``--data``), scored here with a plain
-transformers forward of the teacher into a q8 cache (k=20) so the benchmark does not need vLLM.
+Inputs: the SmolLM2-135M-Instruct teacher (``rlkd convert-teacher``), a student made from it by keeping 6 of its 30
+layers (``--student``, or made here with :func:`rlkd.models.make_student_from_layers`), and databricks-dolly-15k
+rows (``--data train.jsonl``, or ``$RLKD_BENCH_DATA/train.jsonl``), scored here with a plain transformers forward of
+the teacher into a q8 cache (k=20) so the benchmark does not need vLLM. ``--smoke``: the tests' tiny teacher and the
+packaged Dolly sample, a few rounds of tiny steps, the memory variants in this process; seconds, figures meaningless.
 
-Run: ``OMP_NUM_THREADS=2 python bench/stage2.py [--only steps|memory] [--mem-modes ...]`` (writes
-``--out``/stage2-ONLY.json).
-Step times on a shared CPU are noisy: read the per-round times in the JSON beside the medians.
+Run: ``OMP_NUM_THREADS=2 python bench/stage2.py --data train.jsonl [--only steps|memory] [--mem-modes ...]``
+(writes ``--json``, default ``--out``/stage2-ONLY.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import resource
@@ -57,6 +77,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import (data_file, default_teacher, format_interval, mean_interval, ratio_interval,  # noqa: E402
+                     smoke_teacher)
 from rlkd.cache import (CacheReader, CacheWriter, TeacherRow, make_row_id, read_manifest,  # noqa: E402
                         tokenizer_identity)
 from rlkd.trainer import loop  # noqa: E402
@@ -66,23 +88,23 @@ from rlkd.core.targets import ModelBatch, TeacherTargets, collate  # noqa: E402
 from rlkd.trainer.config import LossConfig  # noqa: E402
 from rlkd.trainer.losses import DistillLoss  # noqa: E402
 
-DEFAULT_TEACHER = Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser()
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "dolly" / "train.jsonl"
 STUDENT_LAYERS = "0,6,12,18,24,29"
 """6 of the teacher's 30 layers, spread over its depth."""
+SMOKE_STUDENT_LAYERS = "0"
+"""--smoke: one of the tiny teacher's two layers."""
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
 
-def get_student(teacher: Path, student: Path | None, work: Path) -> Path:
+def get_student(teacher: Path, student: Path | None, work: Path, layers: str = STUDENT_LAYERS) -> Path:
     if student is not None:
         return student
-    path = work / "student-6l"
+    path = work / f"student-{layers.replace(',', '-')}"
     if (path / "config.json").is_file():
         return path
     from rlkd.models import make_student_from_layers
 
-    return make_student_from_layers(teacher, STUDENT_LAYERS, path, overwrite=True)
+    return make_student_from_layers(teacher, layers, path, overwrite=True)
 
 
 def dolly_sequences(tokenizer, data: Path, n_rows: int, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -149,7 +171,7 @@ def make_run(model, loss_cfg: LossConfig, device: torch.device, lr: float = 1e-5
     cfg = build_train_config({}, dict(student="-", cache="-", out="-", max_steps=1000, lr=lr,
                                       **{f.name: getattr(loss_cfg, f.name)
                                          for f in loss_cfg.__dataclass_fields__.values()}))
-    optimizer = loop._make_optimizer(model, cfg)
+    optimizer = loop.make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return loop.Run(cfg=cfg, out=Path("."), device=device, model=model, tokenizer=None,
                     loss_fn=DistillLoss(loss_cfg), optimizer=optimizer, scheduler=scheduler, stream=None,
@@ -163,7 +185,7 @@ def hf_ce_step(run: loop.Run, window: list[ModelBatch]) -> None:
         trained = mb.target_mask[:, :-1]  # (B, T - 1): position t trains token t+1
         labels = torch.full_like(mb.input_ids, -100)
         labels[:, 1:][trained] = mb.input_ids[:, 1:][trained]  # token t+1 at t+1
-        with loop._autocast(run.device):
+        with autocast(run.device):
             out = run.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels)
         (out.loss / len(window)).backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
@@ -175,7 +197,7 @@ def online_kd_step(run: loop.Run, teacher, window: list[ModelBatch], k: int) -> 
     """Online KD: run the teacher on the batch, take its top-k and tail on the fly, then the same student step."""
     fresh = []
     for b in window:
-        with torch.no_grad(), loop._autocast(run.device):
+        with torch.no_grad(), autocast(run.device):
             logits = teacher(input_ids=b.input_ids.to(run.device),
                              attention_mask=b.attention_mask.to(run.device)).logits  # (B, T, V)
         ids, lp, tail, _ = teacher_targets_from_logits(logits[b.target_mask.to(run.device)], k)  # (N, k), (N,)
@@ -183,6 +205,13 @@ def online_kd_step(run: loop.Run, teacher, window: list[ModelBatch], k: int) -> 
                                  b.targets.target_ids)
         fresh.append(dataclasses.replace(b, targets=targets))
     loop.train_step(run, fresh)
+
+
+def autocast(device: torch.device):
+    """The trainer's precision: bf16 autocast on GPU, plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def sync(device: torch.device) -> None:
@@ -193,14 +222,57 @@ def sync(device: torch.device) -> None:
 RATIOS = {
     "kd_rank_over_ce_chunked": ("kd_rank", "ce_chunked", 0.0),
     "kd_rank_over_ce_hf": ("kd_rank", "ce_hf", 0.0),
-    "online_kd_over_kd_rank": ("online_kd", "kd_rank", 0.0),
+    "kd_rank_over_online_kd": ("kd_rank", "online_kd", 0.0),
     "rank_overhead": ("kd_rank", "kd_only", 1.0),
 }
-"""Step-time figures: name -> (numerator variant, denominator variant, offset subtracted from the ratio)."""
+"""Whole-step figures: name -> (numerator variant, denominator variant, offset subtracted from the ratio)."""
+
+HEAD_VARIANTS = ("kd_rank", "kd_only", "ce_chunked")
+"""The variants that run the same train_step and differ only in the loss head."""
+HEAD_FIGURES = {"kd_rank_over_ce_chunked": ("kd_rank", "ce_chunked", 1.0), "rank_overhead": ("kd_rank", "kd_only", 0.0)}
+"""Figures from the loss head alone: name -> (variant a, variant b, c): per round ``c + (head_a - head_b) / step_b``.
+The three variants run the same ``train_step`` and differ only in the loss head's work, so that is the step ratio
+(minus 1 for the overhead) with the noise of the difference scaled down by the head's share of the step."""
+
+
+def head_timers(runs: dict, model, batch: ModelBatch, device: torch.device) -> dict:
+    """Per variant, a function running the step's LM head + loss forward and backward alone
+    (:func:`chunked_distill_loss` as ``train_step`` calls it) on the student's hidden states of ``batch``, computed
+    once. Gradients go to detached copies, so the model's own gradients stay untouched."""
+    mb = batch.to(device)
+    head = model.get_output_embeddings()
+    with torch.no_grad(), autocast(device):
+        hidden = model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                     use_cache=False).last_hidden_state[mb.target_mask]  # (N, H)
+    hidden = hidden.detach().requires_grad_()
+    weight = head.weight.detach().requires_grad_()  # (V, H)
+
+    def timer(run):
+        def go():
+            with autocast(device):
+                out = chunked_distill_loss(hidden, weight, mb.targets, run.loss_fn, chunk_size=run.cfg.loss.chunk_size,
+                                           lm_head_bias=head.bias)
+            out["total"].backward()
+            hidden.grad = weight.grad = None
+        return go
+
+    return {name: timer(runs[name]) for name in HEAD_VARIANTS}
+
+
+def reader_pass(cache: Path, batch_size: int) -> tuple[int, float]:
+    """(scored positions, seconds) of one shuffled pass of the CacheReader over the whole cache, into padded
+    batches as the trainer gets them."""
+    positions = 0
+    t0 = time.perf_counter()
+    reader = CacheReader(cache, batch_size=batch_size, shuffle=True, seed=0)
+    for rows in reader:  # read, decode and pad: what the trainer gets per batch
+        b = collate(rows, reader.k)
+        positions += b.tokens - b.input_ids.shape[0]
+    return positions, time.perf_counter() - t0
 
 
 def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.device, batch_size: int,
-               steps: int, k: int) -> dict:
+               steps: int, k: int, clock: str, head_repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32).to(device).train()
@@ -222,59 +294,74 @@ def time_steps(student_dir: Path, teacher_dir: Path, cache: Path, device: torch.
         "ce_hf": lambda w: hf_ce_step(runs["ce_hf"], w),
         "online_kd": lambda w: online_kd_step(runs["kd_rank"], teacher, w, k),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU time: steadier on a shared host
+
+    def timed(fn) -> tuple[float, float]:
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU time, all threads
+    head_wall: dict[str, list[float]] = {name: [] for name in HEAD_VARIANTS}  # the round's median
+    head_cpu: dict[str, list[float]] = {name: [] for name in head_wall}
+    reads: list[tuple[int, float]] = []
     names = list(variants)
     for i, batch in enumerate(batches):  # batch 0 warms every variant up and is not timed
         # Rotate the order every round, so no variant always runs first (cold caches) or right after another.
         for name in names[i % len(names):] + names[: i % len(names)]:
-            fn = variants[name]
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn([batch])
-            sync(device)
+            w, c = timed(lambda: variants[name]([batch]))
             if i > 0:
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-        print(f"  round {i}/{steps}: " + ", ".join(f"{n} {v[-1]:.2f}s" for n, v in times.items() if v),
-              file=sys.stderr, flush=True)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
+                wall[name].append(w)
+                cpu[name].append(c)
+        heads = head_timers(runs, model, batch, device)
+        hn = list(heads)
+        samples = {name: [] for name in hn}
+        for r in range(head_repeats):
+            for name in hn[(i + r) % len(hn):] + hn[:(i + r) % len(hn)]:
+                samples[name].append(timed(heads[name]))
+        if i > 0:
+            for name, v in samples.items():  # the round's median of each clock
+                head_wall[name].append(statistics.median(x for x, _ in v))
+                head_cpu[name].append(statistics.median(x for _, x in v))
+            reads.append(reader_pass(cache, batch_size))
+            print(f"  round {i}/{steps}: " + ", ".join(f"{n} {wall[n][-1]:.2f}/{cpu[n][-1]:.2f}s" for n in names)
+                  + "; head " + ", ".join(f"{n} {head_wall[n][-1]:.2f}/{head_cpu[n][-1]:.2f}s" for n in hn)
+                  + " (wall/CPU)", file=sys.stderr, flush=True)
 
-    def paired(a: str, b: str, t: dict[str, list[float]] = times) -> float:
-        """Median over rounds of a's time / b's time in the same round (same batch, seconds apart): the headline
-        ratios. Pairing cancels what changes between rounds (batch length, load on a shared host)."""
-        return statistics.median(x / y for x, y in zip(t[a], t[b]))
+    def head_figures(step: dict, head: dict) -> dict:
+        return {name: mean_interval([c + (x - y) / s for x, y, s in zip(head[a], head[b], step[b])])
+                for name, (a, b, c) in HEAD_FIGURES.items()}
 
-    positions = statistics.mean(b.tokens - b.input_ids.shape[0] for b in batches[1:])
+    times, head = (cpu, head_cpu) if clock == "cpu" else (wall, head_wall)
+    positions = [b.tokens - b.input_ids.shape[0] for b in batches[1:]]  # per round
     trained = statistics.mean(b.positions for b in batches[1:])
+    # Reader rate over trainer rate, per round: (reader positions / reader s) / (batch positions / kd_rank step s).
+    # The reader is timed by wall clock in both modes: its prefetch thread's CPU time is not this round's to count.
+    reader = ratio_interval([p * t for (p, _), t in zip(reads, wall["kd_rank"])],
+                            [s * q for (_, s), q in zip(reads, positions)])
     return {
-        "median_step_s": med,
-        "all_step_s": times,
-        "scored_positions_per_batch": positions,
-        "trained_positions_per_batch": trained,
-        **{name: paired(a, b) - off for name, (a, b, off) in RATIOS.items()},
-        # the same ratios from the per-variant medians, unpaired, for comparison
-        "ratios_of_medians": {name: med[a] / med[b] - off for name, (a, b, off) in RATIOS.items()},
-        "trainer_positions_per_s": positions / med["kd_rank"],
-        "median_cpu_s": cpu_med,
+        "clock": clock,
+        "rounds": steps,
+        **{name: ratio_interval(times[a], times[b], offset=off) for name, (a, b, off) in RATIOS.items()},
+        **head_figures(times, head),  # the two fine figures: from the loss head (see HEAD_FIGURES)
+        "whole_step": {c: {name: ratio_interval(t[a], t[b], offset=off) for name, (a, b, off) in RATIOS.items()}
+                       for c, t in (("cpu", cpu), ("wall", wall))},
+        "from_head": {c: head_figures(t, h) for c, t, h in (("cpu", cpu, head_cpu), ("wall", wall, head_wall))},
+        "median_step_s": {name: statistics.median(v) for name, v in wall.items()},
+        "median_cpu_s": {name: statistics.median(v) for name, v in cpu.items()},
+        "median_head_cpu_s": {name: statistics.median(v) for name, v in head_cpu.items()},
+        "all_step_s": wall,
         "all_cpu_s": cpu,
-        **{f"cpu_{name}": paired(a, b, cpu) - off for name, (a, b, off) in RATIOS.items()},
+        "all_head_s": head_wall,
+        "all_head_cpu_s": head_cpu,
+        "scored_positions_per_batch": statistics.mean(positions),
+        "trained_positions_per_batch": trained,
+        "trainer_positions_per_s": statistics.mean(positions) / statistics.median(wall["kd_rank"]),
+        "reader_positions_per_s": sum(p for p, _ in reads) / sum(s for _, s in reads),
+        "reader_over_trainer": reader,
     }
-
-
-def reader_rate(cache: Path, batch_size: int, min_seconds: float = 3.0) -> dict:
-    reader = CacheReader(cache, batch_size=batch_size, shuffle=True, seed=0)
-    positions, epoch = 0, 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds:
-        reader.set_epoch(epoch)
-        for rows in reader:  # read, decode and pad: what the trainer gets per batch
-            b = collate(rows, reader.k)
-            positions += b.tokens - b.input_ids.shape[0]
-        epoch += 1
-    elapsed = time.perf_counter() - t0
-    return {"reader_positions_per_s": positions / elapsed, "epochs_read": epoch}
 
 
 # ---- peak memory (one subprocess per variant) -------------------------------------------------------------------
@@ -309,7 +396,7 @@ class LiveTensorBytes:
     A ``TorchDispatchMode`` sees every aten op (forward, autograd backward, custom autograd Functions) and records
     the storages of their outputs; a storage counts until it is freed (a weak reference expires). Tensors made
     before entering (parameters, optimizer state, inputs) are added with :meth:`track`. Unlike peak RSS, this is
-    neither the interpreter and libraries (~0.5 GB here) nor glibc's unreturned heap, so it measures what the step
+    neither the interpreter and libraries nor glibc's unreturned heap, so it measures what the step
     itself holds. Scratch buffers inside one kernel are not seen (the same for every variant)."""
 
     def __init__(self):
@@ -388,7 +475,7 @@ def memory_child(mode: str, student_dir: str, seq_len: int, k: int, chunk: int, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if with_optimizer else None
 
     def step() -> None:
-        with loop._autocast(device):
+        with autocast(device):
             hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[mask]  # (T, H)
             lm_head = model.get_output_embeddings()
             if mode == "model_only":  # the floor: the student's layers without any LM head or loss
@@ -444,17 +531,23 @@ def memory_child(mode: str, student_dir: str, seq_len: int, k: int, chunk: int, 
 
 
 def measure_memory(student_dir: Path, seq_len: int, k: int, chunk: int, device: str, grad_ckpt: bool,
-                   with_optimizer: bool = False, modes: tuple[str, ...] = MEMORY_MODES) -> dict:
+                   with_optimizer: bool = False, modes: tuple[str, ...] = MEMORY_MODES,
+                   in_process: bool = False) -> dict:
+    """Peak memory of each mode. ``in_process`` (``--smoke``): no subprocess per mode; the live-tensor figures stay
+    exact, the RSS figures then include the earlier modes' heap."""
     out = {}
     for mode in modes:  # one subprocess each: no variant inherits another's heap
-        cmd = [sys.executable, __file__, "--memory-child", mode, "--student", str(student_dir),
-               "--mem-seq-len", str(seq_len), "--k", str(k), "--chunk-size", str(chunk), "--device", device]
-        cmd += ["--mem-gradient-checkpointing", "on" if grad_ckpt else "off"]
-        cmd += ["--mem-optimizer"] if with_optimizer else []
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory child {mode} failed:\n{res.stderr[-3000:]}")
-        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+        if in_process:
+            out[mode] = memory_child(mode, str(student_dir), seq_len, k, chunk, device, grad_ckpt, with_optimizer)
+        else:
+            cmd = [sys.executable, __file__, "--memory-child", mode, "--student", str(student_dir),
+                   "--mem-seq-len", str(seq_len), "--k", str(k), "--chunk-size", str(chunk), "--device", device]
+            cmd += ["--mem-gradient-checkpointing", "on" if grad_ckpt else "off"]
+            cmd += ["--mem-optimizer"] if with_optimizer else []
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory child {mode} failed:\n{res.stderr[-3000:]}")
+            out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"  memory {mode}: tensors {out[mode]['tensor_peak_bytes'] / 2**20:.0f} MB, "
               f"RSS {out[mode]['peak_bytes'] / 2**20:.0f} MB", file=sys.stderr, flush=True)
     tensors = {m: v["tensor_peak_bytes"] / 2**20 for m, v in out.items()}
@@ -481,16 +574,30 @@ def _ratio(a: float, b: float) -> float | None:
 
 # ---- main -------------------------------------------------------------------------------------------------------
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER)
+SMOKE = {"rows": 6, "seq_len": 96, "batch_size": 2, "steps": 2, "head_repeats": 1, "k": 20, "mem_seq_len": 48,
+         "chunk_size": 16}
+"""--smoke sizes (the tiny teacher: 512-token vocabulary, hidden 128)."""
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", type=Path, default=None, help="HF teacher folder [rlkd convert-teacher's]")
     p.add_argument("--student", type=Path, default=None, help="default: 6 teacher layers, made under --out")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench-stage2")
+    p.add_argument("--data", type=Path, default=None, help="databricks-dolly-15k train.jsonl [$RLKD_BENCH_DATA/...]")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench-stage2", help="work folder [%(default)s]")
+    p.add_argument("--json", type=Path, default=None, help="results file [--out/stage2-ONLY.json]")
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8, help="timed rounds, one step per variant each (after one warm-up)")
+    p.add_argument("--steps", type=int, default=12,
+                   help="timed rounds, one step per variant each (after one warm-up) [%(default)s]")
+    p.add_argument("--head-repeats", type=int, default=3,
+                   help="loss-head timings per variant and round; the round's figure is their median [%(default)s]")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="what a step's time is: process CPU time (default on CPU) or wall time (default on GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while timing steps [1 with --clock cpu, so CPU time is work, not the spin-waits "
+                        "of threads waiting for each other; else torch's default]")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--mem-seq-len", type=int, default=4096)
     p.add_argument("--chunk-size", type=int, default=256)
@@ -504,33 +611,54 @@ def main() -> None:
                    help="memory runs include an AdamW step, measured on the second step (its state then exists)")
     p.add_argument("--mem-modes", default="naive,chunked,chunked_ce,model_only",
                    help=f"comma-separated memory variants to run, of {','.join(MEMORY_MODES)}")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds on the tests' tiny teacher and the packaged Dolly sample (a check, not a measurement)")
     p.add_argument("--memory-child", choices=MEMORY_MODES, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, str(args.student), args.mem_seq_len, args.k,
-                                      args.chunk_size, args.device, args.mem_gradient_checkpointing == "on",
-                                      args.mem_optimizer)))
-        return
+        res = memory_child(args.memory_child, str(args.student), args.mem_seq_len, args.k, args.chunk_size,
+                           args.device, args.mem_gradient_checkpointing == "on", args.mem_optimizer)
+        print(json.dumps(res))
+        return res
 
-    torch.manual_seed(0)
+    from _common import dolly_sample
+
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.teacher = args.teacher or smoke_teacher(args.out)
+        data = args.data or dolly_sample()
+    else:
+        args.teacher = args.teacher or default_teacher()
+        if not (args.teacher / "config.json").is_file():
+            p.error(f"--teacher: no model at {args.teacher}; run `rlkd convert-teacher` or pass --teacher DIR")
+        data = data_file(args.data, "train.jsonl", p) if args.only != "memory" else None
+    torch.manual_seed(0)
     device = torch.device(args.device)
+    clock = args.clock or ("cpu" if device.type == "cpu" else "wall")
     t0 = time.perf_counter()
-    student = get_student(args.teacher, args.student, args.out)
+    student = get_student(args.teacher, args.student, args.out,
+                          SMOKE_STUDENT_LAYERS if args.smoke else STUDENT_LAYERS)
     cache = None
     if args.only in ("all", "steps"):  # the memory runs make their own inputs
-        cache = build_cache(args.teacher, args.data, args.out / f"cache-{args.rows}x{args.seq_len}-k{args.k}",
+        cache = build_cache(args.teacher, data, args.out / f"cache-{args.rows}x{args.seq_len}-k{args.k}",
                             args.rows, args.seq_len, args.k)
     print(f"inputs ready in {time.perf_counter() - t0:.0f}s: student {student}, cache {cache}", file=sys.stderr)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
               "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "k": args.k}
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "k": args.k, "smoke": args.smoke}
     if args.only in ("all", "steps"):
-        report["steps"] = time_steps(student, args.teacher, cache, device, args.batch_size, args.steps, args.k)
-        report["reader"] = reader_rate(cache, args.batch_size)
-        report["reader"]["reader_over_trainer"] = (report["reader"]["reader_positions_per_s"]
-                                                   / report["steps"]["trainer_positions_per_s"])
+        threads = args.threads or (1 if clock == "cpu" else torch.get_num_threads())
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        report["threads"] = threads
+        try:
+            report["steps"] = time_steps(student, args.teacher, cache, device, args.batch_size, args.steps, args.k,
+                                         clock, args.head_repeats)
+        finally:
+            torch.set_num_threads(before)
     if args.only in ("all", "memory"):
         modes = tuple(m.strip() for m in args.mem_modes.split(",") if m.strip())
         unknown = sorted(set(modes) - set(MEMORY_MODES))
@@ -539,12 +667,13 @@ def main() -> None:
         ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.mem_gradient_checkpointing]
         runs = {("gradient_checkpointing" if c else "no_checkpointing"):
                 measure_memory(student, args.mem_seq_len, args.k, args.chunk_size, args.device, c,
-                               args.mem_optimizer, modes) for c in ckpts}
+                               args.mem_optimizer, modes, in_process=args.smoke) for c in ckpts}
         report["memory"] = {"runs": runs}
         for key in ("chunked_over_naive", "chunked_over_chunked_ce"):  # the worst config decides pass/fail
             values = [r[f"tensors_{key}"] for r in runs.values() if r.get(f"tensors_{key}") is not None]
             report["memory"][key] = max(values) if values else None
-    (args.out / f"stage2-{args.only}.json").write_text(json.dumps(report, indent=1))
+    out_json = args.json or args.out / f"stage2-{args.only}.json"
+    out_json.write_text(json.dumps(report, indent=1))
 
     lines = [f"device: {report['device']} ({report['precision']}), batch {args.batch_size} x <= {args.seq_len} tokens"]
     if "steps" in report:
@@ -552,21 +681,30 @@ def main() -> None:
     if "memory" in report:
         lines += memory_lines(report, args.mem_seq_len)
     print("\n".join(lines))
+    return report
 
 
 def step_lines(report: dict) -> list[str]:
-    s, r = report["steps"], report["reader"]
+    s = report["steps"]
+    whole = s["whole_step"]
     return [
-        "median step (s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_step_s"].items()),
-        f"kd+rank / CE (chunked): {s['kd_rank_over_ce_chunked']:.3f}x   kd+rank / CE (HF full logits): "
-        f"{s['kd_rank_over_ce_hf']:.3f}x   (goal <= 1.05)",
-        f"online KD / cached kd+rank: {s['online_kd_over_kd_rank']:.2f}x (goal >= 1.8)",
-        f"rank-loss overhead: {100 * s['rank_overhead']:+.1f}% (goal <= 3%)",
-        "by process CPU time: " + ", ".join(f"{k} {v:.2f}s" for k, v in s["median_cpu_s"].items())
-        + f"; kd+rank/CE chunked {s['cpu_kd_rank_over_ce_chunked']:.3f}x, /CE HF {s['cpu_kd_rank_over_ce_hf']:.3f}x, "
-          f"online/cached {s['cpu_online_kd_over_kd_rank']:.2f}x, rank overhead {100 * s['cpu_rank_overhead']:+.1f}%",
-        f"reader {r['reader_positions_per_s']:.0f} pos/s vs trainer {s['trainer_positions_per_s']:.0f} pos/s: "
-        f"{r['reader_over_trainer']:.0f}x (goal >= 20)",
+        "median step, wall s: " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_step_s"].items()),
+        "median step, CPU s:  " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_cpu_s"].items()),
+        "median loss head alone, CPU s: " + ", ".join(f"{k} {v:.3f}" for k, v in s["median_head_cpu_s"].items()),
+        f"by {s['clock']} time, {s['rounds']} rounds [95% interval]:",
+        "  kd+rank / CE (chunked), from the loss head: "
+        f"{format_interval(s['kd_rank_over_ce_chunked'])}  (goal <= 1.05)",
+        f"  rank-loss overhead, from the loss head:     {format_interval(s['rank_overhead'], '{:+.1%}')}  (goal <= 3%)",
+        f"  kd+rank / CE (HF full logits):              {format_interval(s['kd_rank_over_ce_hf'])}  (goal <= 1.05)",
+        f"  kd+rank / online KD:                        {format_interval(s['kd_rank_over_online_kd'])}  (goal <= 0.55)",
+        "  the fine two from whole steps, CPU: kd+rank / CE "
+        f"{format_interval(whole['cpu']['kd_rank_over_ce_chunked'])}, rank overhead "
+        f"{format_interval(whole['cpu']['rank_overhead'], '{:+.1%}')}",
+        "  the fine two from whole steps, wall: kd+rank / CE "
+        f"{format_interval(whole['wall']['kd_rank_over_ce_chunked'])}, rank overhead "
+        f"{format_interval(whole['wall']['rank_overhead'], '{:+.1%}')}",
+        f"reader {s['reader_positions_per_s']:.0f} pos/s vs trainer {s['trainer_positions_per_s']:.0f} pos/s: "
+        f"{format_interval(s['reader_over_trainer'], '{:.0f}')}x (goal >= 20)",
     ]
 
 
@@ -582,7 +720,7 @@ def memory_lines(report: dict, seq_len: int) -> list[str]:
                   + ", ".join(f"{k} {v:.0f} MB" for k, v in m["tensor_peak_mb"].items())
                   + f"; chunked/naive {ratio('tensors_chunked_over_naive')} (goal <= 0.5), chunked/CE-only "
                     f"{ratio('tensors_chunked_over_chunked_ce')} (goal <= 1.2)",
-                  "  process peak RSS (adds ~0.5 GB of interpreter and libraries, and glibc's unreturned heap): "
+                  "  process peak RSS (adds the interpreter, the libraries and glibc's unreturned heap): "
                   + ", ".join(f"{k} {v:.0f} MB" for k, v in m["rss_peak_mb"].items())
                   + f"; chunked/naive {ratio('rss_chunked_over_naive')}, chunked/CE-only "
                     f"{ratio('rss_chunked_over_chunked_ce')}"]

@@ -138,7 +138,7 @@ def test_summary_matches_brute_force(tmp_path, tiny_tokenizer_dir, monkeypatch, 
             assert d["std"] == pytest.approx(ref.std(), rel=1e-4, abs=1e-7), stat
             assert [d["min"], d["p05"], d["p25"], d["p75"], d["max"]] == pytest.approx(
                 [ref.min(), *np.quantile(ref, [0.05, 0.25, 0.75]), ref.max()], rel=1e-5, abs=1e-9), stat
-        # Histogram bins as np.histogram puts the same values (the summary bins arithmetically, not by search).
+        # Histogram bins as np.histogram with the same edges puts the same values.
         ours = a.top1[a.response == (group == "response")] if group != "all" else a.top1
         ref_hist = np.histogram(ours.astype(np.float64), np.linspace(0, 1, 21))[0]
         assert g["top1_prob"]["hist"]["counts"] == ref_hist.tolist()
@@ -161,23 +161,30 @@ def test_summary_matches_brute_force(tmp_path, tiny_tokenizer_dir, monkeypatch, 
         assert s["stats"]["all"]["peaks"]["undercount_share"] == 0.0
 
 
-def test_quantile_selection_matches_numpy():
-    from rlkd.inspect.stats import QUANTILES, _select_quantiles
+def test_summary_quantiles_are_numpys(q8_cache):
+    """Every quantile the summary reports is np.quantile (linear interpolation) of the same positions' values, per
+    group, including groups of one and two positions (where interpolation has nothing or one gap to work with)."""
+    from rlkd.inspect.stats import FLOAT_STATS, QUANTILES, position_arrays, summarize, summary
 
-    rng = np.random.default_rng(0)
-    for n in (1, 2, 3, 4, 5, 10, 21, 100, 1001, 20000):
-        for kind in ("uniform", "ties", "sorted", "reversed"):
-            x = rng.random(n).astype(np.float32)
-            if kind == "ties":
-                x = np.round(x * 3).astype(np.float32)
-            elif kind == "sorted":
-                x.sort()
-            elif kind == "reversed":
-                x = np.sort(x)[::-1].copy()
-            for qs in (QUANTILES, (0.5,), (0.95, 0.05)):
-                got = _select_quantiles(x.copy(), qs)
-                np.testing.assert_allclose(got, np.quantile(x.astype(np.float64), qs), rtol=1e-12,
-                                           err_msg=f"{n} {kind}")
+    cache, rows = q8_cache
+    _, a = summary(cache)
+    r = rows[5]
+    few = np.zeros(r.num_positions, bool)
+    few[[0, -1, -2]] = True  # a response of 3 positions beside a long prompt
+    one = np.zeros(r.num_positions, bool)
+    one[1] = True
+    cases = [a] + [position_arrays(r.topk_count, r.topk_logprobs, r.tail_logmass, r.target_logprob, r.target_rank,
+                                   mask, vocab_size=512) for mask in (few, one)]
+    cases.append(cases[-1].select(np.array([0, 1])))  # two positions: one prompt, one response
+    for arrays in cases:
+        s = summarize(arrays)
+        for group, sel in (("all", slice(None)), ("prompt", ~arrays.response), ("response", arrays.response)):
+            for name, field in FLOAT_STATS.items():
+                v = getattr(arrays, field)[sel]
+                ref = np.quantile(v[np.isfinite(v)].astype(np.float64), QUANTILES)
+                got = [s[group][name][f"p{round(100 * q):02d}"] for q in QUANTILES]
+                np.testing.assert_allclose(got, ref, rtol=1e-12, err_msg=f"{group} {name}")
+            assert s[group]["target_rank"]["p50"] == np.median(arrays.target_rank[sel])
 
 
 def test_one_group_empty_and_reading_only_some_columns(q8_cache):
@@ -204,35 +211,29 @@ def test_one_group_empty_and_reading_only_some_columns(q8_cache):
         next(CacheReader(cache, shuffle=False).iter_blocks(columns=["no_such_column"]))
 
 
-def test_parallel_read_keeps_file_order_and_reraises_errors(q8_cache, tmp_path):
-    """The summary's two reader threads hand row groups back in file order; a damaged page in a later row group
-    reaches the caller as CacheCorruptError, and no reader thread outlives the call."""
+def test_summary_reraises_a_damaged_page(q8_cache, tmp_path):
+    """A damaged page in the last row group (read after others succeeded) reaches the caller as
+    CacheCorruptError."""
     import shutil
-    import threading
 
-    from rlkd.cache import CacheCorruptError
-    from rlkd.inspect.stats import parallel_chunks, summary
-
-    cache, rows = q8_cache
-    for workers in (1, 2, 3):
-        got = [c for c in parallel_chunks(cache, vocab_size=512, threshold=THR, workers=workers)]
-        np.testing.assert_array_equal(np.concatenate([c.target_rank for c in got]),
-                                      np.concatenate([r.target_rank for r in rows]))
-    bad = tmp_path / "bad"
-    shutil.copytree(cache, bad)
     import pyarrow.parquet as pq
 
+    from rlkd.cache import CacheCorruptError
+    from rlkd.inspect.stats import summary
+
+    cache, rows = q8_cache
+    bad = tmp_path / "bad"
+    shutil.copytree(cache, bad)
     shard = sorted(bad.glob("*.parquet"))[0]
     md = pq.ParquetFile(shard).metadata
     assert md.num_row_groups >= 2
-    rg = md.row_group(md.num_row_groups - 1)  # the last row group: read by a thread after others succeeded
+    rg = md.row_group(md.num_row_groups - 1)
     col = next(rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema.startswith("tail_logmass"))
     data = bytearray(shard.read_bytes())
     data[col.data_page_offset + col.total_compressed_size - 3] ^= 0xFF  # inside a page the summary reads
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheCorruptError, match="row group"):
         summary(bad)
-    assert not [t for t in threading.enumerate() if t.name.startswith("rlkd-inspect")]
 
 
 def test_entropy_bounds_contain_the_true_entropy(tmp_path, tiny_tokenizer_dir):

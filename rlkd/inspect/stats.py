@@ -93,9 +93,9 @@ def entropy_bounds(top_entropy: np.ndarray, last_prob: np.ndarray, tail: np.ndar
                    log_tail: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper entropy bounds (float32, (P,)) from ``H_top``, ``p_n``, the tail mass and ``n`` per position.
 
-    See the module docstring for why these are bounds. float32 throughout: ~2x faster than float64 here (numpy's
-    float32 ``log`` is SIMD on AVX2), and every term is a sum of a few values of magnitude <= ~100 nats, so the
-    rounding (~1e-7 relative; <= 4e-6 nats against float64 on 1M positions) is far below the q8 codec's.
+    See the module docstring for why these are bounds. float32 throughout (numpy's float32 ``log`` is SIMD): every
+    term is a sum of a few values of magnitude <= ~100 nats, so the rounding (~1e-7 relative) is far below the q8
+    codec's.
     ``log_last`` / ``log_tail``: the log-probs ``last_prob`` / ``tail`` came from, when the caller has them (saves
     two ``log`` passes).
     """
@@ -165,7 +165,7 @@ def position_arrays(counts: np.ndarray, logprobs: np.ndarray, tail_logmass: np.n
                 pg = np.where(p[bad] > 0, p[bad] * grid[bad], np.float32(0))  # (B, k)
                 top_entropy[bad] = -pg.sum(axis=1, dtype=np.float64)
             # Count along a short row with a matrix-vector product: numpy's axis=1 reductions over ~10 columns
-            # pay per-row overhead (4x slower).
+            # pay a per-row overhead.
             hits = grid[:, :peak_cols] >= log_thr  # (P, <= peak_cols)
             peaks = hits.astype(np.float32) @ np.ones(hits.shape[1], np.float32)  # (P,) exact small integers
             top1, last, log_last = p[:, 0], p[:, -1], grid[:, -1]
@@ -212,8 +212,7 @@ def _columns(item) -> tuple[dict[str, np.ndarray], int]:
 
 CHUNK_POSITIONS = 1 << 15
 """Positions per statistics chunk: small rows are joined up to it (numpy's per-call overhead is paid per chunk) and
-row groups are cut down to it (the (chunk, k) temporaries then stay in the CPU cache: ~1.5x faster than whole
-130k-position row groups at k=20)."""
+row groups are cut down to it (the (chunk, k) temporaries then stay in the CPU cache)."""
 
 
 def iter_position_chunks(items, *, vocab_size: int | None, threshold: float, chunk_positions: int | None = None):
@@ -253,100 +252,30 @@ def _chunks(parts: list[dict], vocab_size, threshold, size: int):
                               vocab_size=vocab_size, threshold=threshold)
 
 
-def parallel_chunks(cache_dir, *, vocab_size: int | None, threshold: float, workers: int = 2, depth: int = 2):
-    """:class:`PositionArrays` of every position of a cache, in file order, computed by ``workers`` threads.
-
-    Thread ``w`` (with its own CacheReader) reads, decodes and computes the statistics of row groups
-    ``w, w + workers, ...``; this generator hands them out in file order. Parquet decoding and numpy's large
-    operations release the GIL, so on two free cores a pass costs about half of one thread's time. ``depth`` row
-    groups per thread are done ahead (memory: ``workers * depth`` decoded row groups). Errors are re-raised here.
-    """
-    import queue
-    import threading
-
-    from rlkd.cache import CacheReader
-
-    readers = [CacheReader(cache_dir, shuffle=False) for _ in range(workers)]  # one per thread: no shared state
-    queues = [queue.Queue(maxsize=depth) for _ in range(workers)]
-    done = object()
-    stop = threading.Event()
-
-    def put(q, item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work(w: int) -> None:
-        try:
-            for block in readers[w].iter_blocks(columns=SUMMARY_COLUMNS, part=(w, workers)):
-                cols = block.position_columns()
-                if not put(queues[w], list(_chunks([cols], vocab_size, threshold, CHUNK_POSITIONS))):
-                    return
-            put(queues[w], done)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(queues[w], e)
-
-    threads = [threading.Thread(target=work, args=(w,), name=f"rlkd-inspect-{w}", daemon=True)
-               for w in range(workers)]
-    for t in threads:
-        t.start()
-    try:
-        b = 0
-        while True:
-            item = queues[b % workers].get()
-            if item is done:  # row group b does not exist, so neither does any later one
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-            b += 1
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=5)
-
-
 def collect(rows, total_positions: int | None, *, sample: int | None, seed: int, vocab_size: int | None,
-            threshold: float, chunks=None) -> PositionArrays:
+            threshold: float) -> PositionArrays:
     """Per-position statistics of every position of ``rows`` (decoded blocks or TeacherRows, in file order), or of
     ``sample`` of them drawn uniformly without replacement (seeded).
 
     Sampling picks global position indices up front from ``total_positions`` (the manifest's count), so only the
-    chosen positions are kept in memory; every row is still read. ``chunks``: :class:`PositionArrays` already
-    computed (:func:`parallel_chunks`), in place of ``rows``.
+    chosen positions are kept in memory; every row is still read.
     """
     if sample is not None and total_positions is not None and sample < total_positions:
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(total_positions, size=sample, replace=False))  # (sample,) global indices
     else:
         chosen = None
-    parts, offset, out = [], 0, None
-    if chunks is None:
-        chunks = iter_position_chunks(rows, vocab_size=vocab_size, threshold=threshold)
-    for chunk in chunks:
+    parts, offset = [], 0
+    for chunk in iter_position_chunks(rows, vocab_size=vocab_size, threshold=threshold):
         n = len(chunk)
         if chosen is not None:
             lo, hi = np.searchsorted(chosen, [offset, offset + n])
-            parts.append(chunk.select(chosen[lo:hi] - offset))
-        elif total_positions is not None:
-            # Every position, count known: fill preallocated arrays (no final concatenation).
-            if out is None:
-                out = {f: np.empty(total_positions, v.dtype) for f, v in chunk.__dict__.items()}
-            if offset + n <= total_positions:
-                for f, v in chunk.__dict__.items():
-                    out[f][offset:offset + n] = v
-        else:
-            parts.append(chunk)
+            chunk = chunk.select(chosen[lo:hi] - offset)
+        parts.append(chunk)
         offset += n
     if total_positions is not None and offset != total_positions:
         raise ValueError(f"the cache's rows hold {offset} scored positions but its manifest says {total_positions}; "
                          "the manifest is stale or shards changed: run `rlkd verify CACHE`")
-    if out is not None:
-        return PositionArrays(**out)
     return PositionArrays.concat(parts)
 
 
@@ -354,212 +283,92 @@ def collect(rows, total_positions: int | None, *, sample: int | None, seed: int,
 # Summaries
 
 
-def _select_quantiles(x: np.ndarray, qs) -> list[float]:
-    """Linear-interpolation quantiles (numpy's default method) of ``x``, which is reordered in place.
-
-    Instead of a full sort, one ``partition`` per order statistic, each only within the gap between the order
-    statistics already placed (median first, then the quartiles inside its halves, ...: ~2.5 passes over ``x`` for
-    five quantiles, against a sort's ~log n). ``x[lo + 1]``, needed to interpolate, is the minimum of the gap after
-    ``x[lo]``. About 2x cheaper than ``np.sort``.
-    """
-    n = x.shape[0]
-    pos = {q: q * (n - 1) for q in qs}
-    fixed: list[int] = []  # sorted indices that hold their order statistic
-
-    def gap(k: int) -> tuple[int, int]:  # (start, end) of the unordered stretch holding index k
-        i = int(np.searchsorted(fixed, k))
-        return (fixed[i - 1] + 1 if i else 0), (fixed[i] if i < len(fixed) else n)
-
-    pending = sorted({int(np.floor(v)) for v in pos.values()})
-    while pending:
-        # The kth in the largest stretch, nearest the middle first: median, quartiles, then the outer ones.
-        k = max(pending, key=lambda j: (gap(j)[1] - gap(j)[0], -abs(j - n / 2)))
-        pending.remove(k)
-        a, b = gap(k)
-        x[a:b].partition(k - a)
-        fixed.insert(int(np.searchsorted(fixed, k)), k)
-    out = []
-    for q in qs:
-        lo = int(np.floor(pos[q]))
-        va = float(x[lo])
-        if pos[q] > lo and lo + 1 < n:
-            i = int(np.searchsorted(fixed, lo, side="right"))
-            b = fixed[i] + 1 if i < len(fixed) else n  # x[lo + 1:b] lies between x[lo] and the next fixed value
-            vb = float(x[lo + 1:b].min())
-        else:
-            vb = va
-        out.append(va + (vb - va) * (pos[q] - lo))
-    return out
-
-
-def _group_values(x: np.ndarray, order: np.ndarray, n_prompt: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A copy of ``x`` laid out as [prompt positions | response positions] (one gather), its finite values only, and
-    the groups as views of it: ``{"all": y, "prompt": y[:a], "response": y[a:]}``."""
-    y = x.take(order)  # (N,)
-    parts = {"prompt": y[:n_prompt], "response": y[n_prompt:]}
-    if not np.isfinite(y).all():  # rare: an unknown vocabulary size makes entropy_upper NaN
-        parts = {g: v[np.isfinite(v)] for g, v in parts.items()}
-        y = np.concatenate([parts["prompt"], parts["response"]])
-        parts = {"prompt": y[:parts["prompt"].shape[0]], "response": y[parts["prompt"].shape[0]:]}
-    return y, {"all": y, **parts}
-
-
-def _describe_groups(x: np.ndarray, order: np.ndarray, n_prompt: int, edges: np.ndarray) -> dict:
-    """``{group: description or None}`` of one float statistic: mean, std, min, quantiles, max, histogram."""
-    y, parts = _group_values(x, order, n_prompt)
-    split = parts["prompt"].shape[0]
-    # Equal-width bins: the bin index is arithmetic, no search (np.histogram with explicit edges sorts); float64 so
-    # that a value on an edge lands in the bin np.histogram would put it in.
-    lo, hi, bins = float(edges[0]), float(edges[-1]), len(edges) - 1
-    idx = np.subtract(y, np.float64(lo))  # (N,) float64
-    idx *= bins / (hi - lo)
-    idx = idx.astype(np.int32)
-    np.clip(idx, 0, bins - 1, out=idx)
-    hist = {"prompt": np.bincount(idx[:split], minlength=bins), "response": np.bincount(idx[split:], minlength=bins)}
-    hist["all"] = hist["prompt"] + hist["response"]
-    # Mean and squared deviations per group (float64 sums); "all" combines them (Chan et al.) instead of a pass.
-    moments = {}
-    for g in ("prompt", "response"):
-        v = parts[g]
-        if v.size:
-            mean = v.sum(dtype=np.float64) / v.size
-            d = v - np.float32(mean)  # (n,) float32 deviations; their squares summed in float64
-            np.square(d, out=d)
-            moments[g] = (v.size, mean, float(d.sum(dtype=np.float64)))
-    if len(moments) == 2:
-        (na, ma, sa), (nb, mb, sb) = moments["prompt"], moments["response"]
-        moments["all"] = (na + nb, (na * ma + nb * mb) / (na + nb), sa + sb + (mb - ma) ** 2 * na * nb / (na + nb))
-    elif moments:
-        moments["all"] = next(iter(moments.values()))
-    out = {}
-    for g in ("prompt", "response", "all"):  # groups first: "all" reorders the whole buffer
-        v = parts[g]
-        if v.size == 0:
-            out[g] = None
-            continue
-        m, mean, ss = moments[g]
-        vmin, vmax = float(v.min()), float(v.max())
-        q = _select_quantiles(v, QUANTILES)
-        out[g] = {
-            "mean": float(mean),
-            "std": float(np.sqrt(ss / m)),
-            "min": vmin,
-            **{f"p{int(round(100 * qq)):02d}": val for qq, val in zip(QUANTILES, q)},
-            "max": vmax,
-            "hist": {"edges": [float(e) for e in edges], "counts": [int(c) for c in hist[g]]},
-        }
-    return out
-
-
-def _rank_bucket_table() -> np.ndarray:
-    """(1002,) bucket index of ranks 0..1001 (rank 1001 stands for every larger one); rank 0 (invalid) -> no bucket."""
-    lut = np.full(RANK_BUCKETS[-1][0] + 1, len(RANK_BUCKETS), dtype=np.int64)
-    for b, (lo, hi) in enumerate(RANK_BUCKETS):
-        lut[lo:(hi if hi is not None else lo) + 1] = b
-    return lut
+RANK_EDGES = np.array([lo for lo, _ in RANK_BUCKETS] + [np.inf])
+"""Histogram edges of :data:`RANK_BUCKETS` for ``np.histogram`` (its last bin is closed: every rank > 1000)."""
 
 
 def _rank_labels() -> list[str]:
     return [str(lo) if lo == hi else (f"{lo}-{hi}" if hi is not None else f">{lo - 1}") for lo, hi in RANK_BUCKETS]
 
 
-def _count_groups(a: PositionArrays, resp: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-    """Counts per group of the small-integer statistics (peaks, undercount, in_topk, rank bucket), all from one
-    ``bincount`` of a joint key ``((((peaks * 2 + undercount) * 2 + in_topk) * B + bucket) * 2 + response)``."""
-    lut = _rank_bucket_table()
-    B = len(RANK_BUCKETS) + 1  # the last one collects invalid ranks < 1
-    peak_max = int(a.peaks.max()) if len(a) else 0
-    key = lut.take(a.target_rank, mode="clip")  # (N,) int64 (bincount's index type: no conversion copy)
-    key += a.peaks.astype(np.int64) * (4 * B)
-    key += a.undercount.view(np.uint8) * (2 * B)
-    key += a.in_topk.view(np.uint8) * B
-    key *= 2
-    key += resp
-    c = np.bincount(key, minlength=(peak_max + 1) * 2 * 2 * B * 2).reshape(peak_max + 1, 2, 2, B, 2)
-    marginals = {"peaks": c.sum(axis=(1, 2, 3)), "undercount": c.sum(axis=(0, 2, 3)),
-                 "in_topk": c.sum(axis=(0, 1, 3)), "rank_bucket": c.sum(axis=(0, 1, 2))}  # each (values, 2 groups)
-    return {name: {"prompt": m[:, 0], "response": m[:, 1], "all": m.sum(axis=1)} for name, m in marginals.items()}
+def describe(x: np.ndarray, edges: np.ndarray) -> dict | None:
+    """Mean, std, min, quantiles, max and histogram (over ``edges``, equal widths) of the finite values of ``x``;
+    None when there are none. Values outside the edges count in the first or last bin."""
+    if not np.isfinite(x).all():  # NaN only where the vocabulary size is unknown (entropy_upper)
+        x = x[np.isfinite(x)]
+    if x.size == 0:
+        return None
+    x = x.astype(np.float64)  # a copy: float64 sums and quantiles of the float32 values
+    vmin, vmax = float(x.min()), float(x.max())
+    lo, hi = float(edges[0]), float(edges[-1])
+    inside = x if lo <= vmin and vmax <= hi else np.clip(x, lo, hi)
+    counts, _ = np.histogram(inside, bins=len(edges) - 1, range=(lo, hi))
+    mean, std = float(x.mean()), float(x.std())
+    quantiles = np.quantile(x, QUANTILES, overwrite_input=True)  # last: it may reorder our copy
+    return {
+        "mean": mean,
+        "std": std,
+        "min": vmin,
+        **{f"p{round(100 * q):02d}": float(v) for q, v in zip(QUANTILES, quantiles)},
+        "max": vmax,
+        "hist": {"edges": [float(e) for e in edges], "counts": counts.tolist()},
+    }
 
 
 def entropy_edges_for(a: PositionArrays, bins: int = 20) -> np.ndarray:
     """Shared histogram edges for both entropy bounds: 0 to the largest finite upper (or lower) bound."""
     hi = 0.0
     for x in (a.entropy_upper, a.entropy_lower):
-        if not np.isfinite(x).all():
-            x = x[np.isfinite(x)]
+        x = x[np.isfinite(x)]
         if x.size:
             hi = max(hi, float(x.max()))
     hi = max(hi, 1e-3)
     return np.linspace(0.0, float(np.ceil(hi * 10) / 10), bins + 1)
 
 
+FLOAT_STATS = {"top1_prob": "top1", "entropy_lower": "entropy_lower", "entropy_upper": "entropy_upper",
+               "tail_mass": "tail", "target_prob": "target_prob"}
+"""The summary's float statistics: JSON name -> :class:`PositionArrays` field."""
+
+
 def summarize(a: PositionArrays) -> dict:
     """``{"all": ..., "prompt": ..., "response": ...}`` statistics (see the JSON schema in :mod:`rlkd.inspect`);
-    a group with no position is None.
-
-    The counts are one ``bincount`` over all positions (:func:`_count_groups`); every float statistic is gathered
-    once into a [prompt | response] buffer whose halves are the groups and whose whole is "all", and its quantiles
-    come from partitions, not sorts (:func:`_select_quantiles`).
-    """
-    N = len(a)
-    resp = a.response
-    order = np.concatenate([np.flatnonzero(~resp), np.flatnonzero(resp)])  # (N,) prompt positions, then response
-    n = {"all": N, "response": int(np.count_nonzero(resp))}
-    n["prompt"] = N - n["response"]
-    edges = entropy_edges_for(a)
+    a group with no position is None."""
     unit = np.linspace(0.0, 1.0, 21)
-    jobs = [("top1_prob", a.top1, unit), ("entropy_lower", a.entropy_lower, edges),
-            ("entropy_upper", a.entropy_upper, edges), ("tail_mass", a.tail, unit),
-            ("target_prob", a.target_prob, unit)]
-    # The float statistics are independent and spend their time in numpy calls that release the GIL (take,
-    # partition, ufuncs): a second thread does three of them while this one does the other two and the counts, so
-    # a machine with a free core runs them side by side.
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlkd-inspect-summary") as pool:
-        futures = {name: pool.submit(_describe_groups, x, order, n["prompt"], e) for name, x, e in jobs[:3]}
-        floats = {name: _describe_groups(x, order, n["prompt"], e) for name, x, e in jobs[3:]}
-        counts = _count_groups(a, resp)
-        ranks, _ = _group_values(a.target_rank, order, n["prompt"])
-        floats.update({name: f.result() for name, f in futures.items()})
-    peak_max = counts["peaks"]["all"].shape[0] - 1
-    peaks, under, in_topk, buckets = (counts[key] for key in ("peaks", "undercount", "in_topk", "rank_bucket"))
-    rank_sum = {"prompt": float(ranks[:n["prompt"]].sum(dtype=np.float64)),
-                "response": float(ranks[n["prompt"]:].sum(dtype=np.float64))}
-    rank_sum["all"] = rank_sum["prompt"] + rank_sum["response"]
-    groups = {"prompt": ranks[:n["prompt"]], "response": ranks[n["prompt"]:], "all": ranks}
+    entropy = entropy_edges_for(a)  # shared by both bounds and all groups, so their histograms line up
+    edges = {name: entropy if name.startswith("entropy") else unit for name in FLOAT_STATS}
     out = {}
-    for g in ("prompt", "response", "all"):  # "all" last: its median reorders the shared buffer
-        m = n[g]
+    for group, sel in (("all", slice(None)), ("prompt", ~a.response), ("response", a.response)):
+        g = a.select(sel)
+        m = len(g)
         if m == 0:
-            out[g] = None
+            out[group] = None
             continue
-        pk = peaks[g][:peak_max + 1]
-        # Trim trailing zero counts so each group lists 0..its own largest peak count, like a per-group bincount.
-        top = int(np.flatnonzero(pk)[-1]) if pk.any() else 0
-        out[g] = {
+        stat = {name: describe(getattr(g, field), edges[name]) for name, field in FLOAT_STATS.items()}
+        peaks = np.bincount(g.peaks)  # (largest peak count + 1,)
+        out[group] = {
             "positions": m,
-            "top1_prob": floats["top1_prob"][g],
-            "entropy_lower": floats["entropy_lower"][g],
-            "entropy_upper": floats["entropy_upper"][g],
+            "top1_prob": stat["top1_prob"],
+            "entropy_lower": stat["entropy_lower"],
+            "entropy_upper": stat["entropy_upper"],
             "peaks": {
-                "mean": float((pk * np.arange(pk.shape[0])).sum() / m),
-                "counts": {str(i): int(c) for i, c in enumerate(pk[:top + 1])},
-                "multi_peak_share": float(pk[2:].sum() / m),
-                "no_peak_share": float(pk[0] / m),
-                "undercount_share": float(under[g][1] / m),
+                "mean": float(g.peaks.mean(dtype=np.float64)),
+                "counts": {str(i): int(c) for i, c in enumerate(peaks)},
+                "multi_peak_share": float(peaks[2:].sum() / m),
+                "no_peak_share": float(peaks[0] / m),
+                "undercount_share": float(np.count_nonzero(g.undercount) / m),
             },
-            "tail_mass": floats["tail_mass"][g],
+            "tail_mass": stat["tail_mass"],
             "target_rank": {
-                "mean": rank_sum[g] / m,
-                "p50": _select_quantiles(groups[g], (0.5,))[0],
-                "top1_share": float(buckets[g][0] / m),
-                "in_topk_share": float(in_topk[g][1] / m),
-                "hist": {"labels": _rank_labels(), "counts": [int(c) for c in buckets[g][:len(RANK_BUCKETS)]]},
+                "mean": float(g.target_rank.sum(dtype=np.float64) / m),
+                "p50": float(np.median(g.target_rank)),
+                "top1_share": float(np.count_nonzero(g.target_rank == 1) / m),
+                "in_topk_share": float(np.count_nonzero(g.in_topk) / m),
+                "hist": {"labels": _rank_labels(), "counts": np.histogram(g.target_rank, RANK_EDGES)[0].tolist()},
             },
-            "target_prob": floats["target_prob"][g],
+            "target_prob": stat["target_prob"],
         }
-    return {g: out[g] for g in GROUPS}
+    return out
 
 
 def manifest_facts(manifest: dict) -> dict:
@@ -586,7 +395,7 @@ def manifest_facts(manifest: dict) -> dict:
 def summary(cache_dir, *, sample: int | None = None, seed: int = 0, threshold: float = 0.1,
             vocab_size: int | None = None) -> tuple[dict, PositionArrays]:
     """The ``summary`` JSON object for a cache (see :mod:`rlkd.inspect`) and the per-position arrays behind it."""
-    from rlkd.cache import read_manifest
+    from rlkd.cache import CacheReader, read_manifest
     from rlkd.cache.manifest import vocab_limit
 
     if not 0.0 < threshold <= 1.0:
@@ -596,11 +405,10 @@ def summary(cache_dir, *, sample: int | None = None, seed: int = 0, threshold: f
     manifest = read_manifest(cache_dir)
     V = vocab_size if vocab_size is not None else vocab_limit(manifest)
     t0 = time.perf_counter()
-    # Two threads each read (only the per-position columns, not input_ids, topk_ids, row_id: on the 1M-position
-    # bench cache a third of the bytes but ~70% of Parquet's read time), decode and compute every other row group.
-    chunks = parallel_chunks(cache_dir, vocab_size=V, threshold=threshold)
-    arrays = collect(None, int(manifest.get("positions", 0)) or None, sample=sample, seed=seed, vocab_size=V,
-                     threshold=threshold, chunks=chunks)
+    # Only the per-position columns: Parquet skips the pages of input_ids, topk_ids and row_id.
+    blocks = CacheReader(cache_dir, shuffle=False).iter_blocks(columns=SUMMARY_COLUMNS)
+    arrays = collect(blocks, int(manifest.get("positions", 0)) or None, sample=sample, seed=seed,
+                     vocab_size=V, threshold=threshold)
     stats = summarize(arrays)
     seconds = time.perf_counter() - t0  # read + statistics + summary, what the positions/s below stands for
     out = {

@@ -183,7 +183,7 @@ def setup(cfg: TrainConfig) -> Run:
         eval_reader = CacheReader(cfg.data.eval_cache or cfg.data.cache, batch_size=cfg.data.batch_size,
                                   shuffle=False, **io)
 
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     run = Run(cfg=cfg, out=out, device=device, model=model, tokenizer=tokenizer, loss_fn=DistillLoss(cfg.loss),
               optimizer=optimizer, scheduler=scheduler, stream=stream, total_steps=total_steps,
@@ -423,7 +423,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
     decay, no_decay = [], []
     for p in model.parameters():

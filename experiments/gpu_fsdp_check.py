@@ -12,7 +12,7 @@ and prints both loss curves, their largest relative difference (bf16 rounding di
 parameter cast, so expect ~1e-2, not 1e-5), step times and peak GPU memory. With --device cpu it runs the same
 comparison in fp32 on gloo (a check of the script itself; the two then agree to ~1e-5).
 
-    python bench/gpu_fsdp_check.py --out /tmp/rlkd-gpu-check            # ~2 min on one GPU
+    python experiments/gpu_fsdp_check.py --out /tmp/rlkd-gpu-check      # ~2 min on one GPU
 """
 
 from __future__ import annotations

@@ -12,12 +12,14 @@ Each trained student (and the untrained one, as a floor) is measured on a cache 
 CR@1/2/5, MOR@5/10, over response positions) and by ROUGE-L (``rouge-score``, F-measure, stemmed) of greedy generations for
 the first ``--rouge-prompts`` dev prompts against the Dolly references.
 
-The table goes to ``--out``/rlkd_vs_kl.json and into ``bench/RESULTS.md`` (between markers, so ``bench/run_all.py``
-keeps it), beside the paper's Table 1 direction (Peng & Zhang 2024: CR@2 62.27 -> 69.08, MOR@10 75.19 -> 83.39).
+The table goes to ``--out``/rlkd_vs_kl.json and into ``experiments/RESULTS.md`` (between markers, keeping the rest
+of the file), beside the paper's Table 1 direction (Peng & Zhang 2024: CR@2 62.27 -> 69.08, MOR@10 75.19 -> 83.39).
 Every step is skipped when its output exists, so an interrupted run continues.
 
-    python bench/rlkd_vs_kl.py --train-rows 1500 --dev-rows 300 --rouge-prompts 100 --steps 400   # ~30 min/arm
-    python bench/rlkd_vs_kl.py --train-rows 400 --dev-rows 100 --rouge-prompts 40 --steps 30       # reduced
+Data: databricks-dolly-15k as ``--train``/``--dev`` jsonl files, or ``$RLKD_BENCH_DATA/{train,dev}.jsonl``.
+
+    python experiments/rlkd_vs_kl.py --train-rows 1500 --dev-rows 300 --rouge-prompts 100 --steps 400  # ~30 min/arm
+    python experiments/rlkd_vs_kl.py --train-rows 400 --dev-rows 100 --rouge-prompts 40 --steps 30      # reduced
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEACHER = Path("~/.cache/rlkd/teachers/SmolLM2-135M-Instruct").expanduser()
-DOLLY = REPO.parent / "shared" / "data" / "dolly"
-RESULTS = REPO / "bench" / "RESULTS.md"
+DATA_ENV = "RLKD_BENCH_DATA"
+"""Environment variable: a folder holding databricks-dolly-15k as train.jsonl and dev.jsonl."""
+RESULTS = REPO / "experiments" / "RESULTS.md"
 BEGIN, END = "<!-- rlkd_vs_kl:begin -->", "<!-- rlkd_vs_kl:end -->"
 
 ARMS = {
@@ -156,9 +159,10 @@ def fmt(v, key: str) -> str:
 
 def table(args, results: dict, meta: dict) -> str:
     lines = [
-        "## RLKD vs KL on SmolLM2-135M-Instruct (bench/rlkd_vs_kl.py)",
+        "## RLKD vs KL on SmolLM2-135M-Instruct (experiments/rlkd_vs_kl.py)",
         "",
-        f"Run {meta['finished']} on {meta['machine']}; this invocation took {meta['wall_min']:.1f} min (steps already done are reused). Student: teacher "
+        f"Run {meta['finished']} on {meta['machine']}; this invocation took {meta['wall_min']:.1f} min (steps "
+        "already done are reused). Student: teacher "
         f"layers `{args.layers}` ({meta['student_layers']} of {meta['teacher_layers']}), seed {args.seed}, "
         f"{args.steps} steps × {args.batch_size} rows, lr {args.lr} (cosine, {max(1, args.steps // 10)} warm-up), "
         f"max length {args.max_length}, cache k={args.top_k}. Train cache: first {args.train_rows} rows of "
@@ -194,7 +198,7 @@ def table(args, results: dict, meta: dict) -> str:
 def write_results_section(text: str, path: Path = RESULTS) -> None:
     """Put ``text`` between the markers in RESULTS.md, keeping the rest of the file."""
     block = f"{BEGIN}\n{text}\n{END}\n"
-    old = path.read_text() if path.exists() else "# rlkd benchmark results\n\n"
+    old = path.read_text() if path.exists() else "# rlkd experiments\n\n"
     if BEGIN in old and END in old:
         new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):].lstrip("\n")
     else:
@@ -202,10 +206,21 @@ def write_results_section(text: str, path: Path = RESULTS) -> None:
     path.write_text(new)
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else the architecture."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def machine() -> str:
     import torch
-
-    from run_all import cpu_name  # bench/ is on sys.path when this script runs
 
     cpu = cpu_name()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu} × {os.cpu_count()} cores"
@@ -215,8 +230,8 @@ def machine() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER, help="HF teacher folder [%(default)s]")
-    ap.add_argument("--train", type=Path, default=DOLLY / "train.jsonl", help="[%(default)s]")
-    ap.add_argument("--dev", type=Path, default=DOLLY / "dev.jsonl", help="[%(default)s]")
+    ap.add_argument("--train", type=Path, default=None, help=f"Dolly train.jsonl [${DATA_ENV}/train.jsonl]")
+    ap.add_argument("--dev", type=Path, default=None, help=f"Dolly dev.jsonl [${DATA_ENV}/dev.jsonl]")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "rlkd_vs_kl", help="work folder [%(default)s]")
     ap.add_argument("--train-rows", type=int, default=1500, help="first N train.jsonl rows cached [%(default)s]")
     ap.add_argument("--dev-rows", type=int, default=300, help="first N dev.jsonl rows cached [%(default)s]")
@@ -238,6 +253,12 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS, help="Markdown file to write the table into")
     ap.add_argument("--caveat", default="", help="a sentence appended under the table (e.g. the run's size)")
     args = ap.parse_args(argv)
+    for flag in ("train", "dev"):
+        if getattr(args, flag) is None:
+            if not os.environ.get(DATA_ENV):
+                ap.error(f"--{flag} FILE.jsonl is required (databricks-dolly-15k), or set {DATA_ENV} to a folder "
+                         "holding train.jsonl and dev.jsonl")
+            setattr(args, flag, Path(os.environ[DATA_ENV]) / f"{flag}.jsonl")
 
     for var, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("VLLM_CPU_KVCACHE_SPACE", "2"),
                        ("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1"),
