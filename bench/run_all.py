@@ -175,7 +175,8 @@ BENCHES = [
                   lambda r: r["epoch1_bytes_over_cache"], "≈ 1 (≤ 1.1)", le(1.1)),
            Figure("bytes downloaded in epoch 2 with --local-cache ÷ cache size",
                   lambda r: r["epoch2_cached_bytes_over_cache"], "≈ 0 (≤ 0.01)", le(0.01))],
-          smoke_args=lambda w: ["--dir", str(w)]),
+          # a nominal trainer rate: the smoke run checks the plumbing of every figure, not its value
+          smoke_args=lambda w: ["--dir", str(w), "--trainer-positions-per-s", "1000"]),
     Bench("inspect", "inspect_speed.py",
           lambda a, w: ["--positions", "100000" if a.quick else "1000000", "--dir", str(w)],
           [Figure("inspect summary time ÷ cache read time (1M positions)", lambda r: r["summary_over_read_time"],
