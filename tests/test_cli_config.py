@@ -26,7 +26,7 @@ EXTERNAL_FLAGS = {
     "headless", "no-sandbox", "disable-gpu", "dump-dom", "user-data-dir", "virtual-time-budget", "window-size",
     "disable-quic", "no-first-run", "disable-background-networking", "disable-component-update", "disable-sync",
     "max-model-len", "gpu-memory-utilization", "array", "gpus", "quiet", "ntasks", "help", "version", "prefix",
-    "local-dir",
+    "local-dir", "long",
     "timeout", "durations", "extra-index-url", "index-url", "no-cache-dir", "cov", "basetemp", "ignore", "deselect",
 }
 """Flags of other tools (and of rlkd's own bench/experiment scripts, which take argparse flags)."""
@@ -112,6 +112,8 @@ def test_every_flag_named_in_code_messages_docstrings_and_docs_exists():
 
     known = set().union(*(_flags(c) for c in _commands().values()))
     known |= {f.name.replace("_", "-") for f in dataclasses.fields(DemoConfig)}  # `python -m rlkd.demo --...`
+    for script in [*(ROOT / "bench").glob("*.py"), *(ROOT / "experiments").glob("*.py")]:  # their argparse flags
+        known |= set(re.findall(r"add_argument\(\s*\"--([a-z0-9-]+)\"", script.read_text()))
     texts: list[tuple[str, str]] = []
     for path in sorted((ROOT / "rlkd").rglob("*.py")):
         texts += [(str(path.relative_to(ROOT)), s) for s in _strings_in_python(path)]
