@@ -3,8 +3,8 @@
 Two faces of one mechanism (a daemon thread, a bounded queue, a stop marker, and the thread's error re-raised in the
 caller):
 
-* :func:`prefetch` iterates an iterable on a thread and yields its items at most ``depth`` ahead: the cache reader
-  reads and decodes the next row groups while the trainer works, ``inspect`` decodes while it summarises.
+* :func:`map_ahead` computes ``fn(item)`` on background threads, in order, a bounded number ahead of the consumer:
+  the cache reader reads and decodes the next row groups while the trainer works (or ``inspect`` summarises).
 * :class:`BackgroundSink` runs ``fn(item)`` on a thread for every submitted item, in order: stage 1 builds and writes
   rows while the engine scores the next batch.
 
@@ -15,66 +15,48 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _STOP = object()
 
 
-class _Failure:
-    """An exception raised on the thread, carried through the queue to the caller."""
+def map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int = 2, *,
+              name: str = "rlkd-ahead") -> Iterator[R]:
+    """``fn(item)`` for every item, in order, computed by ``workers`` background threads at most ``workers`` items
+    ahead of the consumer (so memory holds at most ``workers`` results).
 
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def prefetch(items: Iterable[T], depth: int = 2, *, name: str = "rlkd-prefetch") -> Iterator[T]:
-    """Yield the items of ``items``, produced on a background thread at most ``depth`` items ahead.
-
-    An exception raised while producing is re-raised here, after the items produced before it. Closing the
-    generator early (``break``, an error in the caller) stops the thread at its next item; ``depth=0`` iterates in
-    the caller, without a thread.
+    An exception raised by ``fn`` is re-raised here, in the consumer's thread, after the results before it.
+    Abandoning the iteration (``break``, an error in the consumer) cancels what has not started; calls already
+    running finish on their own. ``workers=0`` computes in the caller, without a thread.
     """
-    if depth <= 0:
-        yield from items
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    from concurrent.futures import ThreadPoolExecutor
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-            put(_Failure(e))
-            return
-        put(_STOP)
-
-    thread = threading.Thread(target=work, name=name, daemon=True)
-    thread.start()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    todo = iter(items)
+    inflight: deque = deque()
     try:
-        while True:
-            item = q.get()
-            if item is _STOP:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
+        for item in todo:
+            inflight.append(pool.submit(fn, item))
+            if len(inflight) >= workers:
+                break
+        while inflight:
+            result = inflight.popleft().result()  # re-raises a failed call here
+            nxt = next(todo, _STOP)
+            if nxt is not _STOP:
+                inflight.append(pool.submit(fn, nxt))
+            yield result
+            del result
     finally:
-        stop.set()
-        thread.join()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class BackgroundSink(Generic[T]):

@@ -1,4 +1,4 @@
-"""rlkd.background: order, bounds, error propagation and early stops of the one background-thread helper."""
+"""rlkd.background: order, bounds, error propagation and early stops of the background-thread helpers."""
 
 from __future__ import annotations
 
@@ -7,50 +7,51 @@ import time
 
 import pytest
 
-from rlkd.background import BackgroundSink, prefetch
+from rlkd.background import BackgroundSink, map_ahead
 
 
-def test_prefetch_yields_everything_in_order_and_stays_bounded():
-    produced = []
+def test_map_ahead_keeps_order_and_stays_bounded():
+    started = []
+    lock = threading.Lock()
 
-    def items():
-        for i in range(50):
-            produced.append(i)
-            yield i
+    def fn(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.001 * (i % 3))  # out-of-order completion
+        return i * i
 
     out = []
-    for i, x in enumerate(prefetch(items(), depth=3)):
-        time.sleep(0.002)
-        # The producer is at most depth items in the queue plus one in hand ahead of the consumer.
-        assert len(produced) <= i + 1 + 3 + 1
+    for i, x in enumerate(map_ahead(fn, range(60), workers=3)):
+        with lock:
+            assert len(started) <= i + 1 + 3  # at most `workers` calls ahead of the consumer
         out.append(x)
-    assert out == list(range(50))
+    assert out == [i * i for i in range(60)]
 
 
-def test_prefetch_reraises_after_the_items_before_the_error():
-    def items():
-        yield 1
-        yield 2
-        raise OSError("shard-00003.parquet: connection reset")
+def test_map_ahead_reraises_after_the_results_before_the_error():
+    def fn(i):
+        if i == 2:
+            raise OSError("shard-00003.parquet: connection reset")
+        return i
 
     got = []
     with pytest.raises(OSError, match="connection reset"):
-        for x in prefetch(items(), depth=2):
+        for x in map_ahead(fn, range(5), workers=2):
             got.append(x)
-    assert got == [1, 2]
+    assert got == [0, 1]
 
 
-def test_prefetch_stops_its_thread_when_the_caller_breaks():
-    before = threading.active_count()
-    gen = prefetch(iter(range(10**9)), depth=2, name="rlkd-test-prefetch")
+def test_map_ahead_stops_submitting_when_the_consumer_breaks():
+    calls = []
+    gen = map_ahead(lambda i: calls.append(i) or i, range(10**6), workers=2, name="rlkd-test-ahead")
     assert next(gen) == 0
     gen.close()
-    assert not [t for t in threading.enumerate() if t.name == "rlkd-test-prefetch"]
-    assert threading.active_count() == before
+    time.sleep(0.05)
+    assert len(calls) <= 3  # the one consumed, and at most `workers` more already submitted
 
 
-def test_prefetch_depth_zero_runs_inline():
-    assert list(prefetch(iter([3, 1, 2]), depth=0)) == [3, 1, 2]
+def test_map_ahead_with_no_workers_runs_inline():
+    assert list(map_ahead(lambda x: -x, [3, 1, 2], workers=0)) == [-3, -1, -2]
 
 
 def test_sink_processes_in_order_and_reports_errors_at_the_next_submit():

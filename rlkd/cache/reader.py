@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from rlkd.background import map_ahead
 from rlkd.cache.codec import CODEC_COLUMNS, DecodedBlock, arrow_schema
 from rlkd.cache.manifest import CacheCorruptError, read_manifest
 from rlkd.cache.schema import CODECS, FORMAT_VERSION, TeacherRow
@@ -384,33 +385,9 @@ class CacheReader:
             shard, rg = int(self._pieces[p, 0]), int(self._pieces[p, 1])
             return self._shards.read(shard, rg)
 
-        if self.prefetch == 0:
-            for p in load_seq.tolist():
-                yield p, read(p)
-            return
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
         # ``prefetch`` reads in flight, handed out in plan order: memory stays at ``prefetch`` decoded row groups.
-        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="rlkd-cache-prefetch")
-        todo = iter(load_seq.tolist())
-        inflight: deque = deque()
-        try:
-            for p in todo:
-                inflight.append((p, pool.submit(read, p)))
-                if len(inflight) >= self.prefetch:
-                    break
-            while inflight:
-                p, future = inflight.popleft()
-                block = future.result()  # re-raises a failed read here, in the consumer's thread
-                nxt = next(todo, None)
-                if nxt is not None:
-                    inflight.append((nxt, pool.submit(read, nxt)))
-                yield p, block
-                del block
-        finally:
-            # An abandoned pass (break, error) cancels what has not started; running reads finish on their own.
-            pool.shutdown(wait=False, cancel_futures=True)
+        pieces = load_seq.tolist()
+        yield from zip(pieces, map_ahead(read, pieces, self.prefetch, name="rlkd-cache-prefetch"))
 
     def __iter__(self) -> Iterator[list[TeacherRow]]:
         batch: list[TeacherRow] = []
@@ -447,9 +424,9 @@ class CacheReader:
         first, step = part
         if not 0 <= first < step:
             raise ValueError(f"iter_blocks(part=({first}, {step})): need 0 <= i < n")
-        for u, (i, j, _) in enumerate(self._units.tolist()):
-            if u % step == first:
-                yield self._shards.read(i, j, wanted)
+        units = [(i, j) for u, (i, j, _) in enumerate(self._units.tolist()) if u % step == first]
+        yield from map_ahead(lambda unit: self._shards.read(*unit, wanted), units, self.prefetch,
+                             name="rlkd-cache-prefetch")
 
     def iter_rows(self) -> Iterator[TeacherRow]:
         """Every row of the cache (all ranks), decoded and unpadded, in file order, without shuffling."""
