@@ -14,8 +14,8 @@ Layout::
 
 ``file`` is relative to the cache directory and may contain sub-folders (``part-0/shard-00000.parquet``), so caches
 written by several workers into sibling folders can be merged by listing their shards in one manifest.
-The manifest is always replaced as a whole (locally: write ``manifest.json.rlkd-tmp``, fsync, rename; on an object store:
-one upload, conditional on the writer's lease): a reader sees either the old or the new one, never half of one.
+The manifest is always replaced as a whole (locally: write ``manifest.json.rlkd-tmp``, fsync, rename; on an object
+store: one upload, conditional on the writer's lease): a reader sees either the old or the new one, never half of one.
 """
 
 from __future__ import annotations
