@@ -178,6 +178,8 @@ class _S3Store:
             kwargs["IfMatch"] = etag
         r = self._call("write", rel, lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(rel),
                                                                      Body=data, **kwargs))
+        if r is None:  # If-Match on an object that is gone (404): it is not the one we saw either
+            raise _Conflict("NoSuchKey")
         return r["ETag"]
 
     def delete(self, rel: str, *, etag: str | None = None) -> None:
@@ -337,9 +339,7 @@ class Lease:
         """Without conditional writes: wait, then check that the lease read back is still ours."""
         time.sleep(SETTLE_SECONDS)
         back = self._store.get(LEASE_NAME, age=False)
-        if back is not None and _parse(back.data).get("id") == self.id:
-            return True
-        return False
+        return back is not None and _parse(back.data).get("id") == self.id
 
     def _refusal(self, other: dict, left: float) -> str:
         who = (f"{other.get('holder', 'an rlkd writer')}, pid {other.get('pid', '?')} on {other.get('host', '?')} "
