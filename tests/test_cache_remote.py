@@ -52,17 +52,21 @@ def remote(s3_bucket, local_cache) -> str:
     return upload_dir(local_cache, s3_bucket, "caches/run-1")
 
 
-def batches(reader) -> list[dict]:
+def batches(reader) -> list[list]:
     return list(reader)
 
 
-def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+def assert_batches_equal(a: list[list], b: list[list]) -> None:
+    """Batches of TeacherRow, equal row by row and array by array."""
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x["row_id"] == y["row_id"]
-        for key, value in x.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, y[key]), key
+        assert [r.row_id for r in x] == [r.row_id for r in y]
+        for rx, ry in zip(x, y):
+            for key, value in vars(rx).items():
+                if isinstance(value, np.ndarray):
+                    np.testing.assert_array_equal(value, getattr(ry, key), err_msg=key)
+                else:
+                    assert value == getattr(ry, key), key
 
 
 def shard_bytes(cache: Path) -> int:
@@ -189,7 +193,7 @@ def test_remote_rank_split_and_columns_match_local(local_cache, remote, rows):
 def test_ranged_reads_download_about_the_cache_once(local_cache, remote, s3_server):
     reader = CacheReader(remote, batch_size=8, seed=3, prefetch=2)
     before, read_before = len(s3_server.log), reader.location.stats.bytes_read
-    n = sum(len(b["row_id"]) for b in reader)
+    n = sum(len(b) for b in reader)
     assert n == reader.num_rows
     served = sum(r.bytes for r in s3_server.log[before:] if r.method == "GET" and "shard-" in r.path)
     size = shard_bytes(local_cache)
