@@ -538,7 +538,8 @@ def test_stage1_url_problems_are_one_clear_line(tiny_teacher_dir, tmp_path, monk
             res.output
         assert "secret@" not in res.output
     res = CliRunner().invoke(main, base + ["--out", "s3://rlkd-no-such-bucket-here/c"])
-    assert res.exit_code == 1 and "rlkd-no-such-bucket-here" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1 and "the bucket rlkd-no-such-bucket-here does not exist" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["cache-merge", s3_bucket.url("m"), s3_bucket.url("m/part-0")])
     assert res.exit_code == 1 and f"part {s3_bucket.url('m/part-0')}: {s3_bucket.url('m/part-0')}: no cache there" \
         in res.output, res.output

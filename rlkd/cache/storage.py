@@ -376,6 +376,16 @@ class CacheLocation:
 
         return self.info(rel).type == pafs.FileType.Directory
 
+    def bucket_exists(self) -> bool:
+        """Whether an object store's bucket exists (a listing of a missing bucket is merely empty); True locally."""
+        from pyarrow import fs as pafs
+
+        if self.is_local:
+            return True
+        bucket = self.root.split("/", 1)[0]
+        info = self._retrying("look up", "", lambda: self.fs.get_file_info(bucket))
+        return info.type != pafs.FileType.NotFound
+
     def size(self, rel: str) -> int | None:
         """Size in bytes, or None when ``rel`` does not exist (or is a folder)."""
         from pyarrow import fs as pafs

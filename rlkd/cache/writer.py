@@ -167,6 +167,11 @@ def _check_remote_dir(loc: CacheLocation, what: str) -> None:
     listing = loc.list_files()
     if MANIFEST_NAME in listing:
         return
+    if not listing and not loc.bucket_exists():
+        bucket = loc.root.split("/", 1)[0]
+        raise CacheDirError(f"{what} {loc}: the bucket {bucket} does not exist, or these credentials cannot see it: "
+                            "create it first (rlkd does not create buckets), or check the credentials and endpoint "
+                            "(AWS_ENDPOINT_URL, AWS_PROFILE, ...)")
     subfolders: dict[str, list[str]] = {}
     foreign = []
     for rel in listing:
