@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlkd.cache.codec import arrow_schema, parquet_write_options, rows_to_table, storage_summary
-from rlkd.cache.lease import DEFAULT_LEASE_SECONDS, LEASE_NAME, LeaseLostError
+from rlkd.cache.lease import DEFAULT_LEASE_SECONDS, LEASE_NAME, MIN_LEASE_SECONDS, LeaseLostError
 from rlkd.cache.lock import LOCK_NAME, writer_lock
 from rlkd.cache.manifest import (
     MANIFEST_NAME,
@@ -277,6 +277,8 @@ class CacheWriter:
             problems.append(f"name_prefix {name_prefix!r} must be a plain file-name prefix (letters, digits, _.-)")
         if row_group_rows < 1 or shard_max_bytes < 1:
             problems.append("row_group_rows and shard_max_bytes must be positive")
+        if not lease_seconds >= MIN_LEASE_SECONDS:
+            problems.append(f"lease_seconds must be >= {MIN_LEASE_SECONDS:g}, got {lease_seconds}")
         if not isinstance(meta, dict):
             problems.append(f"meta must be a dict, got {type(meta).__name__}")
         else:
