@@ -295,17 +295,21 @@ class Lease:
             seen = self._store.get(LEASE_NAME)
             started = time.monotonic()
             other = _parse(seen.data) if seen is not None else None
-            if other is not None:
-                left = float(other.get("seconds", DEFAULT_LEASE_SECONDS)) - seen.age
-                if left > 0:
-                    raise CacheLockedError(self._refusal(other, left))
-            try:
-                etag = self._write_lease(create=seen is None, etag=seen.etag if seen is not None else None)
-            except _Conflict:
-                continue  # another writer took it between our read and our write: read again (and refuse)
-            if not self._store.conditional and not self._settled():
-                continue
-            self.took_over = other
+            if other is not None and other.get("id") == self.id:
+                etag = seen.etag  # our own write, whose answer was lost (the client retried it and got a 412)
+                started -= max(0.0, seen.age)  # counted from when it was written
+            else:
+                if other is not None:
+                    left = float(other.get("seconds", DEFAULT_LEASE_SECONDS)) - seen.age
+                    if left > 0:
+                        raise CacheLockedError(self._refusal(other, left))
+                try:
+                    etag = self._write_lease(create=seen is None, etag=seen.etag if seen is not None else None)
+                except _Conflict:
+                    continue  # another writer took it between our read and our write: read again (and refuse)
+                if not self._store.conditional and not self._settled():
+                    continue
+                self.took_over = other
             with self._mu:
                 self._etag, self._valid_until, self._held = etag, started + self.seconds - self.margin, True
             self._thread = threading.Thread(target=self._renew_loop, name="rlkd-lease", daemon=True)
@@ -369,8 +373,11 @@ class Lease:
             try:
                 etag = self._store.put(LEASE_NAME, self._body(), etag=self._etag)
             except _Conflict:
-                self._lose(self._overtaken())
-                return
+                seen = self._store.get(LEASE_NAME, age=False)
+                if seen is None or _parse(seen.data).get("id") != self.id:
+                    self._lose(self._overtaken(seen))
+                    return
+                etag = seen.etag  # our own renewal landed, its answer was lost and the retry found a new ETag
         else:
             seen = self._store.get(LEASE_NAME, age=False)
             if seen is None or _parse(seen.data).get("id") != self.id:
