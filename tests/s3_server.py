@@ -127,11 +127,38 @@ class _Recorder:
             self.log.append(Request(method, path, status, nbytes))
 
 
+def _unbound_context_proxies_look_missing() -> None:
+    """Let ``hasattr`` answer False on flask's context proxies (``flask.request``, ...) outside a request.
+
+    moto's server imports flask, whose module-level proxies raise RuntimeError ("Working outside of application
+    context") on any attribute lookup outside a request. vLLM scans every module's globals with ``hasattr(value,
+    "__dict__")`` when it builds an engine (``vllm.triton_utils.dispatcher._rebind_kernels``), and ``hasattr`` only
+    swallows AttributeError: in a process that has started this server, building a vLLM engine failed. Inside a
+    request (all that moto does) nothing changes."""
+    from werkzeug import local
+
+    lookup = local._ProxyLookup
+    if getattr(lookup, "_rlkd_patched", False):
+        return
+    original = lookup.__get__
+
+    def __get__(self, instance, owner=None):
+        try:
+            return original(self, instance, owner)
+        except RuntimeError as e:
+            raise AttributeError(str(e)) from e
+
+    lookup.__get__ = __get__
+    lookup._rlkd_patched = True
+
+
 class S3Server:
     """moto's S3 on 127.0.0.1:port; ``stop()`` and ``start()`` again keep the data (moto keeps it in-process)."""
 
     def __init__(self):
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+        _unbound_context_proxies_look_missing()
 
         self.recorder = _Recorder(DomainDispatcherApplication(create_backend_app))
         self.port = _free_port()

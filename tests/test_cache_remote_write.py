@@ -543,3 +543,15 @@ def test_stage1_url_problems_are_one_clear_line(tiny_teacher_dir, tmp_path, monk
     assert res.exit_code == 1 and f"part {s3_bucket.url('m/part-0')}: {s3_bucket.url('m/part-0')}: no cache there" \
         in res.output, res.output
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(":")]  # no folder named 's3:', 'ftp:', 'hf:'
+
+
+def test_a_process_running_the_s3_server_can_still_build_a_vllm_engine(s3_server):
+    """vLLM scans every module's globals with ``hasattr(value, "__dict__")`` while building an engine; flask's context
+    proxies (moto's server imports flask) raised RuntimeError there, so `make test` failed to start vLLM in
+    test_cache_teacher.py after the S3 tests had run. The same scan, here, must not raise."""
+    import flask
+
+    assert not hasattr(flask.request, "__dict__")
+    for module in list(sys.modules.values()):
+        for value in list((getattr(module, "__dict__", None) or {}).values()):
+            hasattr(value, "__dict__")  # what vllm.triton_utils.dispatcher._rebind_kernels does

@@ -16,8 +16,8 @@ Protocol with conditional writes (``s3://`` through botocore: AWS S3, MinIO, Clo
   the protocol below (with a warning).
 - **freshness is judged on the store's clock**: the lease's age is the ``Date`` of the reading response minus the
   object's ``Last-Modified``, both stamped by the store. No machine's wall clock is compared with another's.
-- **renew**: replace it with ``If-Match: <our ETag>``. A 412 means another writer took it over: this writer has lost
-  it. The holder counts its own lease from just before each successful renewal on its monotonic clock, minus a margin
+- **renew**: replace it with ``If-Match: <our ETag>``. A 412 (or 404) means another writer took it over (unless the
+  lease read back is still ours: a retried request whose first answer was lost): this writer has lost it. The holder counts its own lease from just before each successful renewal on its monotonic clock, minus a margin
   (2 s + 2% of the duration: the store's timestamps have whole seconds), and stops writing once that runs out, even
   if the store cannot be reached to say so.
 - **fencing**: the holder writes the manifest (the cache's only source of truth) through the lease
