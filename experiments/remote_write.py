@@ -13,8 +13,8 @@ spooling; upload; read-back). Stage 1 writes at the teacher's pace, so what matt
 far above it (vLLM on one GPU scores ~10^4-10^5 positions/s); the writer runs on its own thread beside the engine.
 Usage::
 
-    python bench/remote_write.py [--positions 500000] [--shard-mb 4] [--rounds 3] [--json out.json]
-    python bench/remote_write.py --smoke        # seconds
+    python experiments/remote_write.py [--positions 500000] [--shard-mb 4] [--rounds 3] [--json out.json]
+    python experiments/remote_write.py --smoke        # seconds
 
 The server is pure Python on the same machine: a pessimistic stand-in for a real store on bandwidth and CPU, an
 optimistic one on latency.
@@ -34,7 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # bench/inspect_speed.py: the synthetic rows
 
 
 def make_rows(positions: int) -> list:
