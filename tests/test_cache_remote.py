@@ -230,7 +230,9 @@ def test_server_restart_mid_epoch_is_retried_and_the_epoch_is_identical(local_ca
     restarted = threading.Event()
 
     def restart_later():
-        time.sleep(1.5)
+        # Longer than one read attempt can last against a stopped server (0.7-2.8 s measured: the AWS SDK retries
+        # inside it), so the outage outlasts the SDK's own retries and rlkd's must ride it out.
+        time.sleep(5.0)
         s3_server.start()
         restarted.set()
 
