@@ -87,23 +87,22 @@ def cache_teacher_cmd(config_file, **flags):
     tokenizer, dataset, k or codec on an existing --out is refused, and so is a folder holding other files. A
     damaged shard stops a resume: `rlkd verify --repair OUT` moves it aside, and the next run scores its rows again.
     For N machines: --shard I/N --out cache/part-I on each, then `rlkd cache-merge cache cache/part-*`.
+    --out may be a URL (s3://bucket/prefix, gs://...): shards are uploaded as they finish, and a lease on the
+    prefix (--lease-seconds) keeps a second run out.
     """
-    from pathlib import Path
-
-    from rlkd.cache.writer import LOG_NAME, check_cache_dir, make_cache_dir
+    from rlkd.cache.writer import check_cache_dir, make_cache_dir
     from rlkd.logs import console, dependency_output_to
     from rlkd.pipeline.engines import EngineError
     from rlkd.pipeline.run import cache_teacher, resolve_teacher
     from rlkd.pipeline.stats import format_summary
 
     cfg = _config(CacheTeacherConfig, flags, config_file)
-    _refuse_remote_output("--out", str(cfg.out))
     resolve_teacher(cfg.teacher, cfg.trust_remote_code)  # a wrong --teacher fails before --out is created
     if cfg.verbose:
         check_cache_dir(cfg.out, "--out")
     else:
         make_cache_dir(cfg.out, "--out")  # checked before the log file goes into it
-    log_path = None if cfg.verbose else Path(cfg.out) / LOG_NAME
+    log_path = None if cfg.verbose else _stage1_log(cfg.out)
     try:
         with dependency_output_to(log_path, title="rlkd cache-teacher"):
             if log_path is not None:
@@ -123,13 +122,22 @@ def cache_teacher_cmd(config_file, **flags):
     click.echo(format_summary(summary), err=True)
 
 
-def _refuse_remote_output(flag: str, where: str) -> None:
-    """Stage 1 writes local folders only, for now: a URL would become a local folder named 's3:' (phase 2 of #15
-    moves the writer onto rlkd.cache.storage)."""
-    if "://" in where:
-        raise click.UsageError(f"{flag} {where.split('@')[-1]}: stage 1 writes to a local folder path for now, not "
-                               "a URL; write the cache locally and upload it (README: 'Where the cache lives'): "
-                               "train-student, verify and inspect read it from the URL")
+def _stage1_log(out: str):
+    """Where stage 1 keeps its dependencies' output: ``OUT/cache-teacher.log`` for a local cache; for a URL, a local
+    file named after it under ``$RLKD_HOME/logs`` (a log appended line by line does not belong on an object store)."""
+    import re
+    from pathlib import Path
+
+    from rlkd.cache.storage import CacheLocation
+    from rlkd.cache.writer import LOG_NAME
+
+    loc = CacheLocation.parse(out)
+    if loc.is_local:
+        return loc.local_path() / LOG_NAME
+    from rlkd.models.teacher import rlkd_home
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", loc.url.split("://", 1)[1]).strip("_")
+    return Path(rlkd_home()) / "logs" / f"{loc.scheme}_{slug}.{LOG_NAME}"
 
 
 @main.command("cache-merge")
@@ -144,7 +152,6 @@ def cache_merge_cmd(**flags):
     from rlkd.pipeline.merge import merge_caches
 
     opts = _config(MergeOptions, flags)
-    _refuse_remote_output("OUT", opts.out)
     m = merge_caches(opts.out, opts.parts, allow_incomplete=opts.allow_incomplete)
     click.echo(f"merged {len(opts.parts)} part(s) into {opts.out}: {len(m['shards'])} shard(s), {m['rows']:,} rows, "
                f"{m['tokens']:,} tokens")

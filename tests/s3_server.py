@@ -1,7 +1,9 @@
 """A real S3-compatible server for tests: moto's server mode on 127.0.0.1, started by the tests themselves.
 
 ``s3_server`` (session) serves moto's S3 through a thin WSGI layer that logs every request (method, key, status,
-response bytes) and can fail the next requests with a real HTTP 503, the way a throttled or overloaded store does.
+response bytes) and can fail the next requests with a real HTTP 503, the way a throttled or overloaded store does,
+hold requests (a stalled store, or a deterministic point to kill an uploading process), and ignore conditional
+headers (``If-None-Match``/``If-Match``, as some S3-compatible stores do).
 ``s3_bucket`` (per test) creates a fresh bucket and points the standard AWS environment at the server: endpoint,
 fake credentials, no config files, no instance metadata, so nothing a developer has configured is ever used.
 ``upload_dir`` copies a local cache folder into the bucket. Import the fixtures into a test module::
@@ -39,6 +41,10 @@ class _Faults:
     match: str = ""
     stall_next: int = 0
     stall_seconds: float = 0.0
+    stall_methods: tuple[str, ...] = ("GET",)
+    stalled: threading.Event = field(default_factory=threading.Event)
+    """Set when a stall begins (a test can act while the request is held)."""
+    ignore_conditions: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, method: str, path: str) -> int | None:
@@ -50,8 +56,9 @@ class _Faults:
 
     def stall(self, method: str, path: str) -> float:
         with self.lock:
-            if self.stall_next > 0 and method == "GET" and self.match in path:
+            if self.stall_next > 0 and method in self.stall_methods and self.match in path:
                 self.stall_next -= 1
+                self.stalled.set()
                 return self.stall_seconds
         return 0.0
 
@@ -91,6 +98,9 @@ class _Recorder:
                 self.inflight -= 1
 
     def _serve(self, environ, start_response, method, path):
+        if self.faults.ignore_conditions:  # a store that does not implement conditional writes
+            environ.pop("HTTP_IF_NONE_MATCH", None)
+            environ.pop("HTTP_IF_MATCH", None)
         delay = self.faults.stall(method, path)
         if delay:
             time.sleep(delay)  # a store that accepts the request and then says nothing
@@ -117,11 +127,38 @@ class _Recorder:
             self.log.append(Request(method, path, status, nbytes))
 
 
+def _unbound_context_proxies_look_missing() -> None:
+    """Let ``hasattr`` answer False on flask's context proxies (``flask.request``, ...) outside a request.
+
+    moto's server imports flask, whose module-level proxies raise RuntimeError ("Working outside of application
+    context") on any attribute lookup outside a request. vLLM scans every module's globals with ``hasattr(value,
+    "__dict__")`` when it builds an engine (``vllm.triton_utils.dispatcher._rebind_kernels``), and ``hasattr`` only
+    swallows AttributeError: in a process that has started this server, building a vLLM engine failed. Inside a
+    request (all that moto does) nothing changes."""
+    from werkzeug import local
+
+    lookup = local._ProxyLookup
+    if getattr(lookup, "_rlkd_patched", False):
+        return
+    original = lookup.__get__
+
+    def __get__(self, instance, owner=None):
+        try:
+            return original(self, instance, owner)
+        except RuntimeError as e:
+            raise AttributeError(str(e)) from e
+
+    lookup.__get__ = __get__
+    lookup._rlkd_patched = True
+
+
 class S3Server:
     """moto's S3 on 127.0.0.1:port; ``stop()`` and ``start()`` again keep the data (moto keeps it in-process)."""
 
     def __init__(self):
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+        _unbound_context_proxies_look_missing()
 
         self.recorder = _Recorder(DomainDispatcherApplication(create_backend_app))
         self.port = _free_port()
@@ -162,11 +199,17 @@ class S3Server:
             self.recorder.faults.fail_next, self.recorder.faults.status = n, status
             self.recorder.faults.match = match
 
-    def stall_next(self, n: int, seconds: float, *, match: str = "") -> None:
-        """Hold the next ``n`` GETs whose path contains ``match`` for ``seconds`` before answering."""
+    def stall_next(self, n: int, seconds: float, *, match: str = "", methods: tuple[str, ...] = ("GET",)) -> None:
+        """Hold the next ``n`` requests (of ``methods``) whose path contains ``match`` for ``seconds`` before
+        answering; ``recorder.faults.stalled`` is set when the first one arrives."""
         with self.recorder.faults.lock:
             self.recorder.faults.stall_next, self.recorder.faults.stall_seconds = n, seconds
-            self.recorder.faults.match = match
+            self.recorder.faults.match, self.recorder.faults.stall_methods = match, tuple(methods)
+            self.recorder.faults.stalled.clear()
+
+    def ignore_conditions(self, on: bool = True) -> None:
+        """Drop ``If-None-Match`` / ``If-Match`` from requests, like a store without conditional writes."""
+        self.recorder.faults.ignore_conditions = on
 
     def gets(self, match: str = "") -> list[Request]:
         """Successful GETs whose path contains ``match``, in order."""
@@ -222,20 +265,36 @@ S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_S
           "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
 
 
+def s3_environment(server: S3Server, scratch: Path) -> dict[str, str | None]:
+    """The standard AWS environment pointed at ``server`` (None: unset): fake credentials, no config files, no
+    instance metadata, so nothing a developer has configured is ever used. Child processes inherit it."""
+    env: dict[str, str | None] = dict.fromkeys(S3_ENV)
+    env.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="rlkd-test-key",
+               AWS_SECRET_ACCESS_KEY="rlkd-test-secret", AWS_DEFAULT_REGION="us-east-1",
+               AWS_CONFIG_FILE=str(scratch / "no-aws-config"),
+               AWS_SHARED_CREDENTIALS_FILE=str(scratch / "no-aws-credentials"), AWS_EC2_METADATA_DISABLED="true")
+    return env
+
+
+def set_environment(monkeypatch, env: dict[str, str | None]) -> None:
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+def new_bucket(server: S3Server) -> Bucket:
+    """A fresh, empty bucket on ``server``."""
+    bucket = Bucket(f"rlkd-test-{uuid.uuid4().hex[:16]}", server)
+    bucket.client().create_bucket(Bucket=bucket.name)
+    return bucket
+
+
 @pytest.fixture
 def s3_bucket(s3_server, monkeypatch, tmp_path):
-    for name in S3_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rlkd-test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rlkd-test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    bucket = Bucket(f"rlkd-test-{uuid.uuid4().hex[:16]}", s3_server)
-    bucket.client().create_bucket(Bucket=bucket.name)
-    yield bucket
+    set_environment(monkeypatch, s3_environment(s3_server, tmp_path))
+    yield new_bucket(s3_server)
 
 
 def upload_dir(local: str | Path, bucket: Bucket, prefix: str) -> str:

@@ -1,4 +1,5 @@
-"""Caches on object storage, read side: a real S3 server (moto, started here on 127.0.0.1), no mocked client.
+"""Caches on object storage, read side: a real S3 server (moto, started here on 127.0.0.1), no mocked client. (The
+write side is tests/test_cache_remote_write.py.)
 
 A cache is written locally with the existing writer, uploaded to a fresh bucket, and everything that reads it from
 ``s3://`` is compared with the same code reading the local folder (the reference): rows, batches and their order,
@@ -229,7 +230,9 @@ def test_server_restart_mid_epoch_is_retried_and_the_epoch_is_identical(local_ca
     restarted = threading.Event()
 
     def restart_later():
-        time.sleep(1.5)
+        # Longer than one read attempt can last against a stopped server (0.7-2.8 s measured: the AWS SDK retries
+        # inside it), so the outage outlasts the SDK's own retries and rlkd's must ride it out.
+        time.sleep(5.0)
         s3_server.start()
         restarted.set()
 
@@ -416,20 +419,6 @@ def test_verify_and_inspect_json_on_s3(local_cache, remote):
     res = runner.invoke(main, ["verify", remote + "-missing"])
     assert res.exit_code == 1 and "no cache there" in res.output
     assert "rlkd-test-secret" not in res.output + str(got)  # the fixture's secret key never shows
-
-
-def test_stage1_refuses_a_url_it_cannot_write_yet(tiny_teacher_dir, tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from rlkd.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
-    for args in (["cache-teacher", "--teacher", str(tiny_teacher_dir), "--dataset", "d.jsonl", "--out",
-                  "s3://bucket/cache"], ["cache-merge", "file:///tmp/x", str(tmp_path)]):
-        res = CliRunner().invoke(main, args)
-        assert res.exit_code == 2 and "local folder path for now" in res.output, res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # no folder named 's3:' or 'file:'
 
 
 def test_verify_names_remote_objects_missing_and_unlisted(local_cache, remote, s3_bucket):

@@ -8,7 +8,9 @@ Checked against an independent reference, a single-process `cache_teacher` run c
 - the merged Ray cache holds exactly the same rows, bit for bit (fp32 codec), and each part only the rows routed to it;
 - a replica killed mid-run (a hard `os._exit` after it finished 2 shards, as a SIGKILL would) leaves a valid,
   incomplete cache; a re-run resumes: nothing is lost or written twice, and a third run has nothing left to do;
-- refusals (no Ray installed, an --out holding a single-process cache) happen before any engine starts.
+- refusals (no Ray installed, an --out holding a single-process cache) happen before any engine starts;
+- with --out s3://... (a real S3 server, moto on 127.0.0.1) each replica writes its part straight to the store and the
+  driver writes the merged manifest: the same rows as the single-process cache, no shared filesystem.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rlkd.config import build_config
 from rlkd.pipeline.config import CacheTeacherConfig
 from rlkd.pipeline.run import cache_teacher
 from tests import tiny
+from tests.s3_server import new_bucket, s3_environment, s3_server, set_environment  # noqa: F401  (s3_server: fixture)
 
 ray = pytest.importorskip("ray", reason="needs the [ray] extra: pip install 'rlkd[ray]'")
 
@@ -39,14 +42,18 @@ K = 8
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray cluster for the module (a start costs ~10-20 s here)."""
+def ray_cluster(s3_server, tmp_path_factory):
+    """One local Ray cluster for the module (a start costs ~10-20 s here). Its workers start with the standard AWS
+    environment pointed at the test S3 server, as the nodes of a real cluster would have their credentials."""
+    env = pytest.MonkeyPatch()
+    set_environment(env, s3_environment(s3_server, tmp_path_factory.mktemp("aws")))
     os.environ["RAY_DISABLE_USAGE_STATS"] = "1"
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 << 20, log_to_driver=False)
     print(f"ray.init took {time.perf_counter() - t0:.1f} s")
     yield
     ray.shutdown()
+    env.undo()
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +149,35 @@ def test_kill_a_replica_then_resume_equals_single_process(ray_cluster, tiny_teac
     assert s3["rows_written"] == 0 and s3["rows_already_cached"] == len(want) and s3["per_replica"] == []
     m3 = read_manifest(out)
     assert m3["complete"] and m3["shards"] == m2["shards"]
+
+
+def test_replicas_write_straight_to_s3_and_equal_single_process(ray_cluster, tiny_teacher_dir, dolly, reference,
+                                                                s3_server, tmp_path, monkeypatch):
+    _, want = reference
+    monkeypatch.chdir(tmp_path)  # nothing may land in a local folder (e.g. one named 's3:')
+    bucket = new_bucket(s3_server)
+    url = bucket.url("ray/dolly")
+    summary = cache_teacher_ray(_cfg(tiny_teacher_dir, dolly, url), replicas=2, progress=False, shard_max_bytes=1)
+    assert summary["rows_written"] == len(want) and summary["out"] == url
+    m = read_manifest(url)
+    assert m["complete"] and m["rows"] == len(want)
+    assert {s["file"].split("/")[0] for s in m["shards"]} == {"part-0", "part-1"}
+    assert verify_cache(url, deep=True) == []
+    got = _rows(url)
+    assert set(got) == set(want)
+    for rid, w in want.items():
+        for name in ("input_ids", "loss_mask", "topk_count", "topk_ids", "target_rank", "topk_logprobs",
+                     "tail_logmass", "target_logprob"):
+            np.testing.assert_array_equal(getattr(got[rid], name), getattr(w, name), err_msg=f"{rid} {name}")
+    keys = bucket.keys("ray/dolly/")
+    listed = {f"ray/dolly/{s['file']}" for s in m["shards"]}
+    assert {k for k in keys if k.endswith(".parquet")} == listed  # every object listed: nothing doubled or left
+    assert not [k for k in keys if k.endswith("writer.lease")]  # every lease (driver and parts) given back
+    assert list(tmp_path.iterdir()) == []
+    # A re-run resumes from the store: every row is found there, no engine starts.
+    again = cache_teacher_ray(_cfg(tiny_teacher_dir, dolly, url), replicas=2, progress=False, shard_max_bytes=1)
+    assert again["rows_written"] == 0 and again["rows_already_cached"] == len(want)
+    assert read_manifest(url)["shards"] == m["shards"]
 
 
 def test_refuses_an_out_holding_a_single_process_cache(tiny_teacher_dir, dolly, reference):

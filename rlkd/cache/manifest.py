@@ -14,8 +14,8 @@ Layout::
 
 ``file`` is relative to the cache directory and may contain sub-folders (``part-0/shard-00000.parquet``), so caches
 written by several workers into sibling folders can be merged by listing their shards in one manifest.
-The manifest is always replaced atomically (write ``manifest.json.rlkd-tmp``, fsync, rename): a reader sees either
-the old or the new one, never half of one.
+The manifest is always replaced as a whole (locally: write ``manifest.json.rlkd-tmp``, fsync, rename; on an object
+store: one upload, conditional on the writer's lease): a reader sees either the old or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -80,15 +80,20 @@ def read_manifest(cache_dir) -> dict:
         raise CacheNotFoundError(
             f"{path} not found: {loc} is not an rlkd cache, or stage 1 (`rlkd cache-teacher`) has not "
             "opened it yet") from None
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: bytes, name: str) -> dict:
+    """The manifest held in ``data`` (read from ``name``, for messages)."""
     try:
         manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheCorruptError(
-            f"{path} is not valid JSON ({e}). rlkd replaces it atomically, so something else modified it, and the "
+            f"{name} is not valid JSON ({e}). rlkd replaces it atomically, so something else modified it, and the "
             "record of which shards are finished is lost: restore manifest.json from a backup, or write the cache "
             "again into a new folder") from e
     if not isinstance(manifest, dict):
-        raise CacheCorruptError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
+        raise CacheCorruptError(f"{name} must hold a JSON object, got {type(manifest).__name__}")
     return manifest
 
 
@@ -102,13 +107,36 @@ def shard_files(cache_dir) -> list[str]:
     return [loc.name(s["file"]) for s in read_manifest(loc).get("shards", [])]
 
 
-def write_manifest(cache_dir: str | Path, manifest: dict) -> None:
-    """Replace the manifest atomically: tmp file, fsync, rename, fsync the directory."""
-    path = manifest_path(cache_dir)
+def manifest_bytes(manifest: dict) -> bytes:
+    """The manifest as stored: indented JSON and a final newline (the same bytes locally and on a store)."""
+    return (json.dumps(manifest, indent=1, sort_keys=False, allow_nan=False) + "\n").encode()
+
+
+def write_manifest(cache_dir, manifest: dict, lock=None) -> None:
+    """Replace the manifest as a whole: a reader sees the old one or the new one, never half of one.
+
+    ``lock``: the writer lock held on the cache (:func:`rlkd.cache.lock.writer_lock`); the manifest is then written
+    through it, which on an object store makes the write conditional on this writer still holding its lease (see
+    :mod:`rlkd.cache.lease`). Without one: a local folder gets a temporary file, fsync, rename and fsync of the
+    folder; an object store one whole-object upload."""
+    data = manifest_bytes(manifest)
+    if lock is not None:
+        lock.put(MANIFEST_NAME, data)
+        return
+    from rlkd.cache.storage import CacheLocation
+
+    loc = CacheLocation.parse(cache_dir)
+    if loc.is_local:
+        atomic_write(loc.local_path(MANIFEST_NAME), data)
+    else:
+        loc.write_bytes(MANIFEST_NAME, data)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace the local file ``path`` atomically: ``NAME.rlkd-tmp``, fsync, rename, fsync of the folder."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    data = json.dumps(manifest, indent=1, sort_keys=False, allow_nan=False)
-    with open(tmp, "w") as f:
-        f.write(data + "\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

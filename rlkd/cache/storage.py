@@ -171,24 +171,30 @@ def url_problem(where) -> str | None:
             "hf://datasets/...")
 
 
+def s3_endpoint_and_region(bucket: str) -> tuple[str | None, str | None]:
+    """``(endpoint URL or None for AWS itself, region or None)`` for ``bucket``, from the standard environment: what
+    Arrow's S3 client is given here, and what the writer's lease (botocore, :mod:`rlkd.cache.lease`) uses too."""
+    endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
+    if not region:
+        # S3-compatible stores ignore the region, but the SDK signs with one; real AWS wants the bucket's own.
+        region = "us-east-1" if endpoint else _bucket_region(bucket)
+    return endpoint, region
+
+
 def _s3_filesystem(bucket: str):
     from pyarrow import fs as pafs
 
     kwargs: dict = {}
-    endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    endpoint, region = s3_endpoint_and_region(bucket)
     if endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        parts = urlsplit(endpoint)
         kwargs["endpoint_override"] = parts.netloc + parts.path.rstrip("/")
         kwargs["scheme"] = parts.scheme or "https"
-    region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    elif endpoint:
-        kwargs["region"] = "us-east-1"  # S3-compatible stores ignore it, but the SDK signs with one
-    else:
-        region = _bucket_region(bucket)  # real AWS: requests must go to the bucket's own region
-        if region:
-            kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -323,13 +329,17 @@ class CacheLocation:
 
     # ---- metadata ----------------------------------------------------------------------------------------------
 
-    def _retrying(self, what: str, rel: str, fn):
-        """Run ``fn()``; retry transient failures per :attr:`retry`; raise StorageError naming the object."""
+    def _retrying(self, what: str, rel: str, fn, guard=None):
+        """Run ``fn()``; retry transient failures per :attr:`retry`; raise StorageError naming the object.
+        ``guard()`` runs before every attempt and may raise to stop (a writer that lost its lease must not send
+        another upload)."""
         last: BaseException | None = None
         delays = self.retry.delays()
         attempt = 0
         while True:
             attempt += 1
+            if guard is not None:
+                guard()
             try:
                 return fn()
             except FileNotFoundError as err:
@@ -365,6 +375,16 @@ class CacheLocation:
         from pyarrow import fs as pafs
 
         return self.info(rel).type == pafs.FileType.Directory
+
+    def bucket_exists(self) -> bool:
+        """Whether an object store's bucket exists (a listing of a missing bucket is merely empty); True locally."""
+        from pyarrow import fs as pafs
+
+        if self.is_local:
+            return True
+        bucket = self.root.split("/", 1)[0]
+        info = self._retrying("look up", "", lambda: self.fs.get_file_info(bucket))
+        return info.type != pafs.FileType.NotFound
 
     def size(self, rel: str) -> int | None:
         """Size in bytes, or None when ``rel`` does not exist (or is a folder)."""
@@ -531,6 +551,27 @@ class CacheLocation:
                 f.write(data)
 
         self._retrying("write", rel, put)
+
+    def upload(self, rel: str, source: Path, *, guard=None, chunk: int = 8 << 20) -> None:
+        """Copy the local file ``source`` to ``rel`` as a whole, streamed (memory stays at one chunk). On an object
+        store the object appears only when the upload completes: one PUT for a small file, a multipart upload (parts
+        sent in the background by Arrow) for a large one. A failed attempt starts again from the first byte.
+        ``guard``: see :meth:`_retrying`. Meant for object stores: a local output stream writes in place, so local
+        writers write a temporary and rename it instead."""
+        self._check_writable(rel)
+
+        def put():
+            with open(source, "rb") as src, self.fs.open_output_stream(self.path(rel)) as out:
+                while block := src.read(chunk):
+                    out.write(block)
+
+        self._retrying("upload", rel, put, guard)
+
+    def copy(self, rel: str, new_rel: str) -> None:
+        """Copy ``rel`` to ``new_rel`` inside the store (S3: one server-side CopyObject; no bytes pass through
+        here). Object stores have no rename: moving an object is this copy, then :meth:`remove`."""
+        self._check_writable(new_rel)
+        self._retrying("copy", rel, lambda: self.fs.copy_file(self.path(rel), self.path(new_rel)))
 
     def remove(self, rel: str, *, missing_ok: bool = True) -> None:
         self._check_writable(rel)

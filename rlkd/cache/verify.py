@@ -14,16 +14,16 @@ tolerance, and, where the actual next token is among the kept ids, that its cach
 Every problem is collected; nothing stops at the first one. Per shard and invariant, the first few offending rows
 are named and the rest counted.
 
-``repair_cache`` (``rlkd verify --repair``) is the supported way out of a damaged cache: it renames every damaged
-shard to ``NAME.parquet.damaged`` (nothing is deleted), drops it and every missing shard from the manifest and marks
-the cache incomplete, so re-running stage 1 scores exactly their rows again.
+``repair_cache`` (``rlkd verify --repair``) is the supported way out of a damaged cache: it moves every damaged
+shard aside to ``NAME.parquet.damaged`` (a rename locally; a copy inside the store, then a delete, on an object store;
+nothing is lost), drops it and every missing shard from the manifest and marks the cache incomplete, so re-running
+stage 1 scores exactly their rows again.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -52,9 +52,10 @@ class VerifyOptions:
     deep: bool = False
     """Also decode every row and check ids, rank order, mass and alignment."""
     repair: bool = False
-    """Make a damaged cache resumable: rename each damaged shard to NAME.parquet.damaged (nothing is deleted), drop
-    it and every missing shard from the manifest, and mark the cache incomplete; re-running ``rlkd cache-teacher``
-    then scores their rows again. With ``deep``, rows that break the invariants count as damage too."""
+    """Make a damaged cache resumable: move each damaged shard aside to NAME.parquet.damaged (a rename; on an object
+    store a copy inside the store, then a delete: nothing is lost), drop it and every missing shard from the manifest,
+    and mark the cache incomplete; re-running ``rlkd cache-teacher`` then scores their rows again. With ``deep``, rows
+    that break the invariants count as damage too. Takes the writer's lock (lease) like stage 1."""
     json: bool = False
     """Print the report as JSON."""
 
@@ -257,24 +258,31 @@ def verify_cache(cache_dir, deep: bool = False) -> list[str]:
     return verify_report(cache_dir, deep)["problems"]
 
 
-def repair_cache(cache_dir, deep: bool = False) -> dict:
-    """Make a damaged cache resumable: rename every damaged listed shard to ``NAME.damaged`` (never deleting it), drop
-    it and every missing shard from the manifest, and mark the cache incomplete. Re-running stage 1 then scores
+def repair_cache(cache_dir, deep: bool = False, *, lease_seconds: float | None = None) -> dict:
+    """Make a damaged cache resumable: move every damaged listed shard aside to ``NAME.damaged`` (never deleting it),
+    drop it and every missing shard from the manifest, and mark the cache incomplete. Re-running stage 1 then scores
     exactly the dropped rows again. Returns ``{"moved": [(shard, new name)], "missing": [shard], "rows_dropped",
     "report"}`` (``report``: :func:`verify_report` before the repair). Holds the writer lock while it works.
+
+    ``cache_dir`` is a path or a URL. Locally a shard is renamed; object stores have no rename, so it is copied to its
+    new name inside the store (no download) and then deleted: the copy exists before the original goes. On a store
+    the writer's lease is taken (``lease_seconds``, default :data:`rlkd.cache.lease.DEFAULT_LEASE_SECONDS`), so a
+    running stage 1 refuses it and it refuses a running stage 1.
 
     Refuses (:class:`CacheCorruptError`) what it cannot repair: an unreadable manifest, and a cache merged from parts
     (repair each part, resume it, and merge again).
     """
-    from rlkd.cache.lock import DirLock
+    from rlkd.cache.lease import DEFAULT_LEASE_SECONDS
+    from rlkd.cache.lock import writer_lock
+    from rlkd.cache.manifest import MANIFEST_NAME, parse_manifest
     from rlkd.cache.writer import DAMAGED_SUFFIX
     from rlkd.fsutil import utc_now
 
-    if not CacheLocation.parse(cache_dir).is_local:
-        raise CacheCorruptError(f"{cache_dir}: --repair changes files in place and works on a local cache only; copy "
-                                "the cache to local disk, repair it there, and resume stage 1 into that copy")
-    cache_dir = Path(cache_dir)
-    manifest = read_manifest(cache_dir)
+    loc = CacheLocation.parse(cache_dir)
+    if loc.read_only:
+        raise CacheCorruptError(f"{loc}: hf:// caches are read-only; copy the cache to local disk or s3://, repair it "
+                                "there, and resume stage 1 into that copy")
+    manifest = read_manifest(loc)
     mproblems = check_manifest(manifest, cache_dir)
     if mproblems:
         raise CacheCorruptError("cannot repair: " + "; ".join(mproblems))
@@ -284,23 +292,30 @@ def repair_cache(cache_dir, deep: bool = False) -> dict:
             f"{cache_dir} was merged from parts ({parts}): repair the damaged part(s) with `rlkd verify --repair "
             "PART`, resume them with their `rlkd cache-teacher --shard I/N` commands, then merge again (a --ray run "
             "re-merges by itself when re-run)")
-    with DirLock(cache_dir, "rlkd verify --repair"):
-        manifest = read_manifest(cache_dir)  # under the lock: what a writer may have changed meanwhile
-        report = verify_report(cache_dir, deep=deep)
+    with writer_lock(loc, "rlkd verify --repair", lease_seconds=lease_seconds or DEFAULT_LEASE_SECONDS) as lock:
+        # Under the lock: what a writer may have changed meanwhile.
+        manifest = parse_manifest(lock.read(MANIFEST_NAME), loc.name(MANIFEST_NAME))
+        report = verify_report(loc, deep=deep)
         damaged = report["damaged"]
+        listing = loc.list_files()
         moved, missing = [], []
         for rel in damaged:
-            path = cache_dir / rel
-            if not path.is_file():
+            if rel not in listing:
                 missing.append(rel)
                 continue
-            target = path.with_name(path.name + DAMAGED_SUFFIX)
+            target = rel + DAMAGED_SUFFIX
             n = 1
-            while target.exists():
-                target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{n}")
+            while target in listing:
+                target = f"{rel}{DAMAGED_SUFFIX}-{n}"
                 n += 1
-            path.rename(target)
-            moved.append((rel, target.relative_to(cache_dir).as_posix()))
+            lock.check()
+            if loc.is_local:
+                loc.local_path(rel).rename(loc.local_path(target))
+            else:
+                loc.copy(rel, target)
+                loc.remove(rel)
+            listing[target] = listing.pop(rel)
+            moved.append((rel, target))
         kept, seen, rows_dropped = [], set(), 0
         for entry in manifest["shards"]:
             if entry["file"] in damaged:
@@ -316,5 +331,5 @@ def repair_cache(cache_dir, deep: bool = False) -> dict:
         for key in ("rows", "positions", "tokens", "bytes"):
             manifest[key] = int(sum(int(e.get(key, 0)) for e in kept))
         set_max_token_id(manifest)
-        write_manifest(cache_dir, manifest)
+        write_manifest(loc, manifest, lock=lock)
     return {"moved": moved, "missing": missing, "rows_dropped": rows_dropped, "report": report}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlkd.cache.schema import CODECS, MAX_K
+from rlkd.cache.storage import url_problem
 
 DEFAULT_MAX_LENGTH = 1024
 """``max_length`` when it is not given (lowered to what the teacher takes)."""
@@ -41,7 +42,9 @@ class CacheTeacherConfig:
     """Source data: a hub dataset id (with ``split``/``subset``), or a local .jsonl/.json/.parquet/.csv file, a folder
     of such files, or a folder written by ``datasets.save_to_disk``."""
     out: str
-    """Cache folder to write (or resume). Created if missing."""
+    """Cache to write (or resume): a local folder (created if missing) or a URL, ``s3://bucket/prefix``,
+    ``gs://bucket/prefix``, ``file:///path`` (credentials and endpoint from the environment: AWS_ACCESS_KEY_ID,
+    AWS_ENDPOINT_URL, ...). On a store each shard is built in $TMPDIR, uploaded whole and read back."""
 
     # ---- dataset selection -------------------------------------------------------------------------------------
     split: str = "train"
@@ -103,6 +106,10 @@ class CacheTeacherConfig:
     """Rotate to a new Parquet shard after about this many MiB."""
     row_group_rows: int = 256
     """Rows per Parquet row group: the unit stage 2 reads and shuffles, and the granularity of shard rotation."""
+    lease_seconds: float = 60.0
+    """With a URL ``out``: the writer's lease on the prefix, renewed every quarter of it while the run lives. A second
+    run is refused while it is fresh; a killed run's lease blocks the prefix this long, then a new run takes over and
+    resumes; a run that cannot reach the store this long stops writing. At least 5. See docs/design.md."""
     verify_resume: bool = True
     """On resume, check the sha256 of every finished shard before trusting it (reads the whole cache once; a damaged
     shard stops the run with the way out). ``False`` checks sizes only: faster on a large cache, but a flipped byte
@@ -149,6 +156,14 @@ class CacheTeacherConfig:
         for name in ("teacher", "dataset", "out"):
             if not str(getattr(self, name) or "").strip():
                 p.append(f"{name}: required (give --{name})")
+        out_problem = url_problem(self.out or "")
+        if out_problem:
+            p.append(f"out: {out_problem}")
+        elif str(self.out or "").startswith("hf://"):
+            p.append(f"out: {self.out}: hf:// caches are read-only in rlkd; write to a local folder or s3:// and "
+                     "upload it with `huggingface-cli upload`")
+        if not self.lease_seconds >= 5:
+            p.append(f"lease_seconds: must be >= 5 (the store's clock counts whole seconds), got {self.lease_seconds}")
 
         if self.dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half", "float"):
             p.append(f"dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")

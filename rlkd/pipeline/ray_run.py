@@ -14,8 +14,13 @@
    iterates its dataset in ``batch_size`` batches and scores/writes them with the single-process code
    (``run.score`` -> ``engine.score``, then ``rows.write_rows`` -> ``CacheWriter.write``), so both paths
    write identical rows.
-5. The driver joins the parts with :func:`rlkd.pipeline.merge.merge_caches` into ``OUT/manifest.json`` (shard paths
+5. The driver joins the parts with :func:`rlkd.pipeline.merge.build_merged` into ``OUT/manifest.json`` (shard paths
    ``part-{i}/...``), which ``CacheReader``, ``rlkd inspect`` and ``rlkd verify`` read like any cache.
+
+``OUT`` may be a URL (``s3://bucket/prefix``, ``gs://...``): no filesystem is shared then. Each actor builds its own
+``CacheLocation`` from the part's URL (an Arrow S3 client must not cross a fork; Ray starts actors as new processes)
+and its ``CacheWriter`` uploads shards straight to ``OUT/part-{i}/`` under a lease on that part; the driver holds the
+lease on ``OUT`` and writes the merged manifest.
 
 Why formatting happens on the driver and not in the actors: it is the same code path as ``cache_teacher`` (no second
 formatter to keep in sync), counters and template errors are reported once, and tokenizing costs microseconds per
@@ -41,15 +46,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rlkd.cache import CacheWriter, make_row_id, read_manifest
-from rlkd.cache.lock import DirLock
-from rlkd.cache.manifest import CacheMismatchError, identity_differences, manifest_path
+from rlkd.cache.lock import writer_lock
+from rlkd.cache.manifest import MANIFEST_NAME, CacheMismatchError, identity_differences
 from rlkd.cache.schema import FORMAT_VERSION
+from rlkd.cache.storage import CacheLocation
 from rlkd.config import config_to_dict
 from rlkd.errors import UserError
 from rlkd.pipeline.config import CacheTeacherConfig
@@ -118,9 +123,11 @@ class Stage1Worker:
             dataset.context.enable_progress_bars = False
         cfg, stats = self.cfg, self.stats
         t_run = time.perf_counter()
+        # The writer parses part_dir (a path or a URL) here, in the actor's process: its own store client.
         with CacheWriter(self.part_dir, self.meta, k=cfg.top_k, codec=cfg.codec,
                          shard_max_bytes=self.shard_max_bytes, row_group_rows=cfg.row_group_rows,
-                         name_prefix=f"part{self.index}") as w:
+                         name_prefix=f"part{self.index}", lease_seconds=cfg.lease_seconds,
+                         holder=f"cache-teacher --ray replica {self.index}") as w:
             batches = [] if dataset is None else dataset.iter_batches(batch_size=cfg.batch_size,
                                                                       batch_format="pyarrow")
             for table in batches:
@@ -172,22 +179,31 @@ def _block(examples: list):
 # ---- the driver ----------------------------------------------------------------------------------------------------
 
 
-def _part_dirs(out: Path) -> list[Path]:
-    return sorted((p for p in out.glob(PART_PREFIX + "*") if p.is_dir() and p.name[len(PART_PREFIX):].isdigit()),
-                  key=lambda p: int(p.name[len(PART_PREFIX):]))
+def _parts(out: CacheLocation) -> list[CacheLocation]:
+    """``OUT/part-{i}`` for every part that exists, in index order (a local folder, or a prefix holding objects)."""
+    if out.is_local:
+        names = [p.name for p in out.local_path().glob(PART_PREFIX + "*") if p.is_dir()]
+    else:
+        names = {rel.split("/", 1)[0] for rel in out.list_files() if "/" in rel}
+    names = [n for n in names if n.startswith(PART_PREFIX) and n[len(PART_PREFIX):].isdigit()]
+    return [out.child(n) for n in sorted(names, key=lambda n: int(n[len(PART_PREFIX):]))]
 
 
-def _check_out(out: Path, meta: dict, cfg: CacheTeacherConfig) -> None:
+def _part_index(part: CacheLocation) -> int:
+    return int(part.url.rstrip("/").rsplit("/", 1)[-1][len(PART_PREFIX):])
+
+
+def _check_out(out: CacheLocation, meta: dict, cfg: CacheTeacherConfig) -> None:
     """Refuse an ``out`` that holds a single-process cache, or parts written with other settings (all problems)."""
     problems: list[str] = []
-    if manifest_path(out).exists():
+    if out.exists(MANIFEST_NAME):
         m = read_manifest(out)
         if not (m.get("config") or {}).get("ray"):  # a --ray manifest records {"replicas", "config"}
             problems.append(f"{out} holds a cache written without --ray (its manifest lists shards of its own). "
                             "Give --ray runs their own --out, or re-run without --ray to resume that cache")
     new = {"format_version": FORMAT_VERSION, "k": cfg.top_k, "codec": cfg.codec, **meta}
-    for part in _part_dirs(out):
-        if manifest_path(part).exists():
+    for part in _parts(out):
+        if part.exists(MANIFEST_NAME):
             diffs = identity_differences(read_manifest(part), new)
             if diffs:
                 problems.append(f"{part} was written with different settings:\n"
@@ -198,15 +214,23 @@ def _check_out(out: Path, meta: dict, cfg: CacheTeacherConfig) -> None:
                                  + "\nUse a new --out, or rerun with the cache's original settings.")
 
 
-def finished_row_ids(out: str | os.PathLike) -> set[str]:
-    """Every row_id in a finished shard of any part of ``out`` (listed or not yet listed in its part manifest: a
-    writer adopts those on reopen). Temporaries (``*.rlkd-tmp``) are unfinished and do not count."""
+def finished_row_ids(out) -> set[str]:
+    """Every row_id in a finished shard of any part of ``out``. Local: every ``*.parquet`` of a part folder, listed
+    or not yet listed in its part manifest (a writer adopts those on reopen); temporaries (``*.rlkd-tmp``) are
+    unfinished. Object store: the shards each part's manifest lists (an unlisted object is unfinished: its part's
+    writer deletes it and its rows are scored again)."""
     import pyarrow.parquet as pq
 
+    out = CacheLocation.parse(out)
     ids: set[str] = set()
-    for part in _part_dirs(Path(out)):
-        for shard in sorted(part.glob("*.parquet")):
-            ids.update(pq.read_table(shard, columns=["row_id"]).column("row_id").to_pylist())
+    for part in _parts(out):
+        if part.is_local:
+            files = [f.name for f in sorted(part.local_path().glob("*.parquet"))]
+        else:
+            files = [e["file"] for e in read_manifest(part).get("shards", [])] if part.exists(MANIFEST_NAME) else []
+        for rel in files:
+            table = pq.read_table(part.path(rel), filesystem=part.fs, columns=["row_id"])
+            ids.update(table.column("row_id").to_pylist())
     return ids
 
 
@@ -228,12 +252,12 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
     from rlkd.pipeline.run import prepare_run
 
     t_start = time.perf_counter()
-    make_cache_dir(cfg.out, "--out")  # refuses a file, or a folder holding files rlkd did not write
+    out = make_cache_dir(cfg.out, "--out")  # refuses a file, or a folder holding files rlkd did not write
     tokenizer, ds, meta = prepare_run(cfg)
-    out = Path(cfg.out)
     counters = InputCounters()
     started_ray = False
-    with DirLock(out, "cache-teacher --ray driver"):  # the lock every writer of OUT takes
+    # The lock every writer of OUT takes (a lease on an object store); each part has its writer's own.
+    with writer_lock(out, "cache-teacher --ray driver", lease_seconds=cfg.lease_seconds) as lock:
         try:
             _check_out(out, meta, cfg)
             started_ray = not ray.is_initialized()
@@ -246,7 +270,7 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
                                desc="cache-teacher --ray")
             per_replica, failures = collect(ray, actors, pending, bar, counters.rows - routed.dispatched)
             _close_idle_parts(out, meta, cfg, actors, complete=not failures)
-            merged = _write_merged(out, cfg, replicas, allow_incomplete=bool(failures))
+            merged = _write_merged(out, cfg, replicas, lock, allow_incomplete=bool(failures))
         finally:
             if started_ray:
                 ray.shutdown()
@@ -254,7 +278,7 @@ def cache_teacher_ray(cfg: CacheTeacherConfig, *, replicas: int, ray_address: st
         raise RayStage1Error(
             f"cache-teacher --ray: {len(failures)} of {replicas} replica(s) stopped:\n"
             + "\n".join(f"  - {f}" for f in failures)
-            + f"\nEvery finished shard is kept and listed in {manifest_path(out)} (marked incomplete). Re-run the "
+            + f"\nEvery finished shard is kept and listed in {out.name(MANIFEST_NAME)} (marked incomplete). Re-run the "
             "same command to resume: finished rows are skipped, the rest is scored again."
         )
     tot = RunStats.total(per_replica.values())
@@ -304,7 +328,7 @@ def route(ray, cfg: CacheTeacherConfig, ds, tokenizer, counters, done: set[str],
     return Routed(blocks, dispatched, already)
 
 
-def dispatch(ray, cfg: CacheTeacherConfig, meta: dict, routed: Routed, out: Path, shard_max_bytes: int | None,
+def dispatch(ray, cfg: CacheTeacherConfig, meta: dict, routed: Routed, out: CacheLocation, shard_max_bytes: int | None,
              exit_after: tuple[int, int] | None) -> tuple[dict, dict]:
     """Start one actor per replica that has rows, and its ``run``; return (actors, pending ``run`` refs -> index).
 
@@ -320,7 +344,7 @@ def dispatch(ray, cfg: CacheTeacherConfig, meta: dict, routed: Routed, out: Path
     worker = ray.remote(Stage1Worker).options(max_concurrency=2, max_restarts=0, **options)
     shard_bytes = shard_max_bytes if shard_max_bytes is not None else cfg.shard_max_mb << 20
     datasets = {i: ray.data.from_arrow_refs(b) for i, b in enumerate(routed.blocks) if b}
-    actors = {i: worker.remote(cfg, meta, i, str(out / f"{PART_PREFIX}{i}"), shard_bytes,
+    actors = {i: worker.remote(cfg, meta, i, out.child(f"{PART_PREFIX}{i}").url, shard_bytes,
                                exit_after[1] if exit_after and exit_after[0] == i else None)
               for i in datasets}
     return actors, {actors[i].run.remote(ds_i): i for i, ds_i in datasets.items()}
@@ -357,27 +381,28 @@ def collect(ray, actors: dict, pending: dict, bar, rows_done_by_driver: int) -> 
     return per_replica, failures
 
 
-def _close_idle_parts(out: Path, meta: dict, cfg: CacheTeacherConfig, actors: dict, complete: bool) -> None:
+def _close_idle_parts(out: CacheLocation, meta: dict, cfg: CacheTeacherConfig, actors: dict, complete: bool) -> None:
     """Parts no actor wrote this run (nothing routed to them, or left by a run with more replicas): drop their
-    temporaries and adopt orphan shards, as their writer would on reopen."""
-    for part in _part_dirs(out):
-        i = int(part.name[len(PART_PREFIX):])
-        if i not in actors and manifest_path(part).exists():
-            CacheWriter(part, meta, k=cfg.top_k, codec=cfg.codec, row_group_rows=cfg.row_group_rows,
-                        name_prefix=f"part{i}").close(complete=complete)
+    leftovers (temporaries; on a store, unlisted objects) and adopt orphan shards, as their writer would on reopen."""
+    for part in _parts(out):
+        i = _part_index(part)
+        if i not in actors and part.exists(MANIFEST_NAME):
+            CacheWriter(part.url, meta, k=cfg.top_k, codec=cfg.codec, row_group_rows=cfg.row_group_rows,
+                        name_prefix=f"part{i}", lease_seconds=cfg.lease_seconds,
+                        holder="cache-teacher --ray driver").close(complete=complete)
 
 
-def _write_merged(out: Path, cfg: CacheTeacherConfig, replicas: int, allow_incomplete: bool) -> dict:
+def _write_merged(out: CacheLocation, cfg: CacheTeacherConfig, replicas: int, lock, allow_incomplete: bool) -> dict:
     """Replace ``OUT/manifest.json`` by one listing every part's shards (parts stay where they are)."""
     from rlkd.cache.manifest import write_manifest
-    from rlkd.pipeline.merge import merge_caches
+    from rlkd.pipeline.merge import build_merged
 
-    parts = [p for p in _part_dirs(out) if manifest_path(p).exists()]
-    if manifest_path(out).exists():  # ours (checked by _check_out): rebuilt from the parts every run
-        manifest_path(out).unlink()
+    parts = [p for p in _parts(out) if p.exists(MANIFEST_NAME)]
+    if out.exists(MANIFEST_NAME):  # ours (checked by _check_out): rebuilt from the parts every run
+        lock.remove(MANIFEST_NAME)
     if not parts:  # nothing to score at all (every row skipped by the input side)
         return {"rows": 0}
-    merged = merge_caches(out, parts, allow_incomplete=allow_incomplete)
+    merged = build_merged(out, [p.url for p in parts], allow_incomplete=allow_incomplete)
     merged["config"]["ray"] = {"replicas": replicas, "config": config_to_dict(cfg)}
-    write_manifest(out, merged)
+    write_manifest(out, merged, lock=lock)
     return merged

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from rlkd.background import BackgroundSink
 from rlkd.cache import CacheWriter, make_row_id, tokenizer_identity
+from rlkd.cache.storage import CacheLocation
 from rlkd.cache.writer import check_cache_dir, is_own_temporary
 from rlkd.config import ConfigError, config_to_dict
 from rlkd.errors import UserError
@@ -260,13 +261,13 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     shard_i, shard_n = cfg.shard_index
     counters = InputCounters()
     stats = RunStats()
-    out = Path(cfg.out)
+    out = cfg.out
     writer = None
     try:
         with CacheWriter(out, meta, k=cfg.top_k, codec=cfg.codec, shard_max_bytes=cfg.shard_max_mb << 20,
                          row_group_rows=cfg.row_group_rows,
                          name_prefix="shard" if shard_n == 1 else f"part{shard_i}of{shard_n}",
-                         verify_shards=cfg.verify_resume) as w:
+                         verify_shards=cfg.verify_resume, lease_seconds=cfg.lease_seconds) as w:
             writer = w
 
             def pending() -> Iterator:
@@ -317,20 +318,29 @@ def _batches(first, rest: Iterator, size: int) -> Iterator[list]:
     yield batch
 
 
-def _disk_full(out: Path) -> DiskFullError:
+def _disk_full(out: str) -> DiskFullError:
+    import tempfile
+
     done = _finished(out)
-    left = [p.name for p in out.iterdir() if is_own_temporary(p) and p.name.endswith(".parquet.rlkd-tmp")]
-    dropped = ("the open shard was dropped" if not left else
-               f"the open shard could not be removed ({', '.join(left)}; the next run removes it)")
+    path = CacheLocation.parse(out).local_path()
+    if path is None:  # a remote cache: the disk that filled up holds the spooled shard
+        where = (f"disk full while spooling a shard for {out} in {tempfile.gettempdir()} (shards are built "
+                 "there before upload; set TMPDIR to use another disk)")
+        dropped = "the open shard was dropped"
+    else:
+        where = f"disk full while writing the cache in {out}"
+        left = [p.name for p in path.iterdir() if is_own_temporary(p) and p.name.endswith(".parquet.rlkd-tmp")]
+        dropped = ("the open shard was dropped" if not left else
+                   f"the open shard could not be removed ({', '.join(left)}; the next run removes it)")
     return DiskFullError(
         errno.ENOSPC,
-        f"disk full while writing the cache in {out}: the {done['shards']} finished shard(s) ({done['rows']} rows) "
-        f"are valid and kept; {dropped}. Free some space (or use --shard-max-mb to write smaller shards) and re-run "
-        "the same command to resume where it stopped.",
+        f"{where}: the {done['shards']} finished shard(s) ({done['rows']} rows) are valid and kept; {dropped}. Free "
+        "some space (or use --shard-max-mb to write smaller shards) and re-run the same command to resume where it "
+        "stopped.",
     )
 
 
-def _finished(out: Path) -> dict:
+def _finished(out: str) -> dict:
     try:
         from rlkd.cache import read_manifest
 
