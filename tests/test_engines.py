@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from rlkd.pipeline.engines import EngineError, HFEngine, Scored, VLLMEngine, lm_head_flop_fraction, tail_logmass
-from rlkd.pipeline.rows import build_row
 from rlkd.pipeline.data import Example
+from rlkd.pipeline.engines import (
+    EngineError,
+    HFEngine,
+    Scored,
+    VLLMEngine,
+    build_row,
+    lm_head_flop_fraction,
+    tail_logmass,
+)
 
 K = 16
 TOL = 1e-4
@@ -48,14 +55,20 @@ def _brute_force(model, ids: np.ndarray, k: int) -> dict:
     }
 
 
-def _assert_matches(got: Scored, ref: dict, what: str) -> None:
+def _tail(got: Scored, ids: np.ndarray) -> np.ndarray:
+    """The tail the cache row gets from this engine output (computed by build_row only)."""
+    ex = Example(source_index=0, input_ids=ids, loss_mask=np.ones(ids.shape[0] - 1, dtype=bool))
+    return build_row(ex, got, k=got.topk_ids.shape[1]).tail_logmass
+
+
+def _assert_matches(got: Scored, ref: dict, what: str, ids: np.ndarray) -> None:
     np.testing.assert_array_equal(got.topk_ids, ref["topk_ids"], err_msg=f"{what}: top-k ids/order")
     np.testing.assert_allclose(got.topk_logprobs, ref["topk_logprobs"], atol=TOL, rtol=0, err_msg=f"{what}: logprobs")
-    np.testing.assert_allclose(got.tail_logmass, ref["tail_logmass"], atol=TOL, rtol=0, err_msg=f"{what}: tail")
+    np.testing.assert_allclose(_tail(got, ids), ref["tail_logmass"], atol=TOL, rtol=0, err_msg=f"{what}: tail")
     np.testing.assert_allclose(got.target_logprob, ref["target_logprob"], atol=TOL, rtol=0, err_msg=f"{what}: target")
     np.testing.assert_array_equal(got.target_rank, ref["target_rank"], err_msg=f"{what}: target rank")
     assert got.topk_ids.dtype == np.int32 and got.topk_logprobs.dtype == np.float32
-    assert got.target_rank.dtype == np.int32 and got.tail_logmass.shape == (got.num_positions,)
+    assert got.target_rank.dtype == np.int32 and got.target_rank.shape == (got.num_positions,)
 
 
 def test_vllm_and_hf_engines_agree_with_brute_force(vllm_llm, tiny_teacher_dir, hf_model):
@@ -74,13 +87,13 @@ def test_vllm_and_hf_engines_agree_with_brute_force(vllm_llm, tiny_teacher_dir, 
     for i, ids in enumerate(seqs):
         ref = _brute_force(hf_model, ids, K)
         assert got_v[i].num_positions == got_h[i].num_positions == ids.shape[0] - 1
-        _assert_matches(got_v[i], ref, f"vllm seq {i}")
-        _assert_matches(got_h[i], ref, f"hf seq {i}")
+        _assert_matches(got_v[i], ref, f"vllm seq {i}", ids)
+        _assert_matches(got_h[i], ref, f"hf seq {i}", ids)
         # The two engines against each other, directly.
         np.testing.assert_array_equal(got_v[i].topk_ids, got_h[i].topk_ids)
         np.testing.assert_array_equal(got_v[i].target_rank, got_h[i].target_rank)
         np.testing.assert_allclose(got_v[i].topk_logprobs, got_h[i].topk_logprobs, atol=TOL, rtol=0)
-        np.testing.assert_allclose(got_v[i].tail_logmass, got_h[i].tail_logmass, atol=TOL, rtol=0)
+        np.testing.assert_allclose(_tail(got_v[i], ids), _tail(got_h[i], ids), atol=TOL, rtol=0)
     # Some targets fall outside the top-k, so ranks > k are exercised too.
     ranks = np.concatenate([g.target_rank for g in got_v])
     assert ranks.max() > K and ranks.min() == 1
@@ -118,7 +131,6 @@ def test_build_row_adaptive_k_recomputes_tail_exactly():
     scored = Scored(
         topk_ids=np.array([[7, 3, 9, 1], [2, 8, 5, 4]], dtype=np.int32),
         topk_logprobs=lp,
-        tail_logmass=tail_logmass(lp),
         target_logprob=np.log([0.2, 0.001]).astype(np.float32),
         target_rank=np.array([2, 40], dtype=np.int32),
     )

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import rlkd.pipeline.rows as rows_mod
+import rlkd.pipeline.engines as rows_mod
 from rlkd.background import BackgroundSink
 from rlkd.pipeline.stats import RunStats
 

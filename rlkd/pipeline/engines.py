@@ -1,4 +1,4 @@
-"""Teacher engines: token ids in, per-position top-k log-probabilities out.
+"""Teacher engines: token ids in, per-position top-k log-probabilities out, then the cache row.
 
 Two engines with one interface, ``engine.score(list of (T,) id arrays) -> list[Scored]``:
 
@@ -20,7 +20,10 @@ Conventions both engines share, so that they give identical rows for identical w
   ``(logprobs >= target).sum()``). Without ties that is "strictly greater, plus 1"; a target tied with other tokens
   gets the *last* rank of its tie group;
 - ``tail_logmass = log1p(-sum(exp(topk)))`` in float64 from the float32 values before any quantisation, ``-inf`` once
-  the sum reaches 1.
+  the sum reaches 1: computed once, by :func:`build_row`, from the entries the row keeps.
+
+:func:`build_row` turns one engine output into the cache row (adaptive k, the tail); :func:`write_rows` writes a
+batch of them. Every stage-1 runner goes through these two, so every path writes identical rows.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from rlkd.cache.codec import adaptive_counts
+from rlkd.cache.schema import TeacherRow, make_row_id
 from rlkd.errors import UserError
 
 
@@ -42,8 +47,6 @@ class Scored:
     """(P, k) int32: top-k token ids per position, best first."""
     topk_logprobs: np.ndarray
     """(P, k) float32: their log-probabilities (exact engine output, non-increasing along k)."""
-    tail_logmass: np.ndarray
-    """(P,) float64: log of the mass outside the top-k, ``log1p(-sum(exp(topk_logprobs)))``, -inf when none is left."""
     target_logprob: np.ndarray
     """(P,) float32: log-probability of the actual next token ``input_ids[t+1]``."""
     target_rank: np.ndarray
@@ -223,7 +226,6 @@ class VLLMEngine:
         return Scored(
             topk_ids=np.ascontiguousarray(token_ids[:, 1:], dtype=np.int32),
             topk_logprobs=topk_lp,
-            tail_logmass=tail_logmass(topk_lp),
             target_logprob=np.ascontiguousarray(logprobs[:, 0]),
             target_rank=ranks.astype(np.int32),
         )
@@ -346,7 +348,6 @@ class HFEngine:
                 tgt_rank[z] = rank.to("cpu", torch.int32)
                 del lp  # the (n, V) float32 block is the biggest allocation here
         ids_np, lp_np = topk_ids.numpy(), topk_lp.numpy()
-        tail = tail_logmass(lp_np)  # (N,)
         t_lp_np, rank_np = tgt_lp.numpy(), tgt_rank.numpy()
         start = 0
         for s, i in zip(seqs, where):
@@ -355,7 +356,6 @@ class HFEngine:
             out[i] = Scored(
                 topk_ids=ids_np[z].copy(),
                 topk_logprobs=lp_np[z].copy(),
-                tail_logmass=tail[z].copy(),
                 target_logprob=t_lp_np[z].copy(),
                 target_rank=rank_np[z].copy(),
             )
@@ -414,7 +414,68 @@ def lm_head_flop_fraction(config: Any) -> float:
     return body / (body + head)
 
 
+# ---- engine output -> cache row ------------------------------------------------------------------------------
+
+
+def keep_counts(topk_logprobs: np.ndarray, k: int, min_prob: float | None, min_k: int) -> np.ndarray:
+    """(P, k) full-precision log-probs -> (P,) int32 entries to keep per position.
+
+    Without ``min_prob`` every position keeps ``k``. With it, a position keeps the entries whose probability is
+    ``>= min_prob`` (the top-k is sorted, so that is a prefix), but never fewer than ``min_k`` nor more than ``k``
+    (the cache's own :func:`rlkd.cache.adaptive_counts`, so every tool counts the same way).
+    """
+    if min_prob is None:
+        return np.full(topk_logprobs.shape[0], k, dtype=np.int32)
+    return adaptive_counts(topk_logprobs[:, :k], min_prob, min_k)
+
+
+def build_row(example, scored: Scored, k: int, min_prob: float | None = None, min_k: int = 1) -> TeacherRow:
+    """The cache row for ``example`` (an :class:`rlkd.pipeline.data.Example`) from its engine output.
+
+    ``scored`` may hold more than ``k`` entries per position (an engine run with a larger k); only the first ``k``
+    are used. When entries are dropped (``k`` below the engine's, or adaptive k), the tail is recomputed exactly from
+    the full-precision kept entries, so ``exp(tail) + sum(exp(kept)) == 1`` up to float rounding.
+    """
+    ids = np.asarray(example.input_ids, dtype=np.int32)  # (T,)
+    P = ids.shape[0] - 1
+    if scored.num_positions != P:
+        raise ValueError(
+            f"example {example.source_index}: engine scored {scored.num_positions} positions for {ids.shape[0]} "
+            f"tokens (expected {P})"
+        )
+    if scored.topk_ids.shape[1] < k:
+        raise ValueError(f"engine returned top-{scored.topk_ids.shape[1]} but the cache needs k={k}")
+    lp = scored.topk_logprobs[:, :k]  # (P, k) float32, full precision
+    counts = keep_counts(lp, k, min_prob, min_k)  # (P,)
+    # The tail from the full-precision kept entries (before the codec rounds them): computed here only.
+    lp_kept = np.where(np.arange(k)[None, :] < counts[:, None], lp, -np.inf)  # (P, k)
+    tail = tail_logmass(lp_kept)  # (P,)
+    keep = np.arange(k)[None, :] < counts[:, None]  # (P, k); row-major flattening = position after position
+    return TeacherRow(
+        row_id=make_row_id(ids, int(example.source_index)),
+        source_index=int(example.source_index),
+        input_ids=ids,
+        loss_mask=np.asarray(example.loss_mask, dtype=bool),
+        topk_count=counts,
+        topk_ids=np.ascontiguousarray(scored.topk_ids[:, :k][keep], dtype=np.int32),
+        topk_logprobs=np.ascontiguousarray(lp[keep], dtype=np.float32),
+        tail_logmass=np.asarray(tail, dtype=np.float32),
+        target_logprob=np.asarray(scored.target_logprob, dtype=np.float32),
+        target_rank=np.asarray(scored.target_rank, dtype=np.int32),
+    )
+
+
+def write_rows(batch: list, scored: list, w, cfg, stats) -> None:
+    """Build each example's row and write it to ``w`` (a CacheWriter), counting rows, tokens and positions written
+    into ``stats`` (a :class:`~rlkd.pipeline.stats.RunStats`); the one row-writing path of every stage-1 runner."""
+    for ex, sc in zip(batch, scored):
+        row = build_row(ex, sc, cfg.top_k, cfg.min_prob, cfg.min_k)
+        if w.write(row):
+            stats.add(rows=1, tokens=int(row.input_ids.shape[0]), positions=row.num_positions)
+
+
 __all__ = [
-    "Scored", "Engine", "EngineError", "VLLMEngine", "HFEngine", "build_engine", "tail_logmass",
+    "Scored", "Engine", "EngineError", "VLLMEngine", "HFEngine", "build_engine", "build_row", "keep_counts",
+    "tail_logmass", "write_rows",
     "lm_head_flop_fraction",
 ]

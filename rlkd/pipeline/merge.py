@@ -19,8 +19,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rlkd.cache.manifest import (IDENTITY_KEYS, MANIFEST_NAME, identity_differences, read_manifest,
-                                 set_max_token_id, write_manifest)
+from rlkd.cache.manifest import (
+    IDENTITY_KEYS,
+    MANIFEST_NAME,
+    identity_differences,
+    read_manifest,
+    set_max_token_id,
+    write_manifest,
+)
 from rlkd.cache.storage import CacheLocation
 from rlkd.errors import UserError
 

@@ -114,7 +114,7 @@ class Stage1Worker:
         from ray.data import DataContext
 
         from rlkd.pipeline.data import Example
-        from rlkd.pipeline.rows import write_rows
+        from rlkd.pipeline.engines import write_rows
         from rlkd.pipeline.run import score
 
         # The driver shows one bar for the whole run. A dataset runs under the context it was created with.

@@ -249,7 +249,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, engine: Any = None, progress: bool
     and only once there is something left to score.
     """
     from rlkd.pipeline.data import InputCounters, check_some_examples, iter_examples
-    from rlkd.pipeline.rows import write_rows
+    from rlkd.pipeline.engines import write_rows
 
     t_start = time.perf_counter()
     if engine is not None and getattr(engine, "k", cfg.top_k) < cfg.top_k:
@@ -352,7 +352,7 @@ def _finished(out: str) -> dict:
 
 def score(batch: list, engine, stats: RunStats) -> list:
     """The engine's output for a batch of examples, timed into ``stats``; the scoring step of every stage-1 runner
-    (its rows are then built and written by :func:`rlkd.pipeline.rows.write_rows`)."""
+    (its rows are then built and written by :func:`rlkd.pipeline.engines.write_rows`)."""
     t0 = time.perf_counter()
     scored = engine.score([ex.input_ids for ex in batch])
     # The progress bar's rate counts tokens as they are scored: rows still queued for the writer thread lag behind.
