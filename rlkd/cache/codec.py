@@ -151,7 +151,7 @@ def decode_q8(top1: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.nda
     k = int(counts[0])
     if n == P * k and (counts == k).all():
         # Fixed k (the common case): a (P, k) grid, cumsum along rank. Slabs of rows keep the temporaries in the
-        # CPU cache: 2x faster than one pass over a whole row group (measured at k=20, 130k positions).
+        # CPU cache: faster than one pass over a whole row group.
         out = np.empty((P, k), dtype=np.float32)
         grid = codes.reshape(P, k - 1)
         for s in range(0, P, DECODE_SLAB):
@@ -238,29 +238,23 @@ def arrow_schema(codec: str, k: int) -> pa.Schema:
 BYTE_STREAM_SPLIT_COLUMNS = ("topk_ids", "tail_logmass", "target_logprob", "topk_logprobs", "top1_logprob",
                              "target_rank", "input_ids", "topk_count")
 """List columns whose leaf gets BYTE_STREAM_SPLIT: ids, ranks, counts and floats, whose high bytes compress well once
-split. Measured on SmolLM2 top-k of Dolly (zstd-1, B/position): ``target_rank`` 0.89 -> 0.63 and ``input_ids`` 1.40 ->
-1.31 at k=20; adaptive ``topk_count`` at k=128 0.56 (dictionary) -> 0.48 (0.69 plain; DELTA_BINARY_PACKED makes all
-three larger). Readers need pyarrow >= 16 for BYTE_STREAM_SPLIT on integer columns."""
+split (measurements: docs/design.md, "Cache storage"). Readers need pyarrow >= 16 for BYTE_STREAM_SPLIT on integer
+columns."""
 DICTIONARY_COLUMNS: tuple[str, ...] = ()
 """Columns that get a dictionary: none. The last one, ``topk_count``, does better with BYTE_STREAM_SPLIT."""
 ZSTD_LEVEL = 1
-"""zstd level of the per-entry log-probability columns (q8 gap bytes, fp16/fp32 values). On SmolLM2 top-k of Dolly
-(200 rows) the q8 gap bytes get *larger* above level 1: 7.97 B/position at 1, 8.66 at 3, 8.39 at 15 (k=20)."""
+"""zstd level of the per-entry log-probability columns (q8 gap bytes, fp16/fp32 values): higher levels made the q8
+gap bytes larger (docs/design.md, "Cache storage")."""
 IDS_ZSTD_LEVEL = 3
-"""zstd level of ``topk_ids``, the largest column. Same data, B/position at levels 1/2/3/9: k=20 27.98/27.90/27.90/
-27.72; k=64 95.0/94.7/94.3/94.8; adaptive k=128 138.1/136.2/135.6/135.9. Level 15 saves 1% more at k=20 at 1/20 of
-the speed."""
+"""zstd level of ``topk_ids``, the largest column: the best size for its speed (docs/design.md, "Cache storage")."""
 SMALL_ZSTD_LEVEL = 15
 """zstd level of the per-row and per-position columns (input ids, masks, counts, tail, target log-prob and rank,
-fp16 top-1): a few bytes per position, so a slow level costs little time and saves ~0.5 B/position (45.84 -> 45.30
-B/position at k=20: input_ids 1.33 -> 1.23, top1 1.60 -> 1.50, tail 2.92 -> 2.83, target_logprob 3.16 -> 3.00,
-target_rank 0.63 -> 0.55). Levels above 15 gain nothing more here."""
+fp16 top-1): a few bytes per position, so a slow level costs little time and still saves about 1% of the cache."""
 LOGPROB_COLUMNS = ("topk_logprobs", "logprob_gaps")
 """Per-entry log-probability columns, compressed at :data:`ZSTD_LEVEL`."""
 DATA_PAGE_SIZE = 64 << 20
 """Target Parquet data page size. zstd compresses each page on its own, so pages as large as the column chunk (a row
-group is at most ``row_group_bytes`` raw) give it the whole chunk as context: ids 28.16 -> 27.98 B/position at k=20
-versus the 1 MiB default (and 30.96 with 64 KiB pages). Readers read whole row groups anyway."""
+group is at most ``row_group_bytes`` raw) give it the whole chunk as context. Readers read whole row groups anyway."""
 
 
 def _leaf_paths(codec: str) -> dict[str, str]:

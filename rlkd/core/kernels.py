@@ -84,7 +84,8 @@ def top_ids(scores: Tensor, k: int, block: int = 128) -> Tensor:
     """Ids of the ``k`` largest entries of each row of ``scores`` (N, V), largest first: (N, k) int64.
 
     The same values as ``torch.topk(scores, k).indices`` (which of several exactly tied entries is taken may differ),
-    3-4x faster on CPU at V = 49,152, where ``torch.topk`` was most of the ranking loss's cost. Split each row into
+    several times faster on CPU at a 49k vocabulary, where ``torch.topk`` was most of the ranking loss's cost (see
+    ``bench/stage2.py``). Split each row into
     blocks of ``block`` entries and take every block's max (one vectorised pass, no sort), then the k blocks with the
     largest maxima. An entry outside them is at most its block's max, hence at most each chosen block's max: k
     candidates are at least as large, so a ``topk`` over the k * block candidates is exact. Entries past the last

@@ -9,10 +9,8 @@ the teacher's tail mass ``P_tail = 1 - sum_{i in I} p_i`` (``tail_logmass = log 
 Tail bucket. With ``tail="bucket"`` (default) each distribution is collapsed to ``|I| + 1`` outcomes: the cached
 tokens and one "everything else" bucket (teacher ``P_tail``, student ``Q_tail = 1 - sum_I e^{q_i}``, computed
 exactly as a log-sum-exp over the uncached logits). Every divergence on a :class:`SparseView` is the exact
-divergence between these bucketed distributions. It equals the dense divergence against a teacher that spreads
-``P_tail`` uniformly over the uncached tokens iff the student's own tail is uniform too, and is a lower bound
-otherwise (data processing). Plain top-k KL without the bucket is biased (Anshumann et al., "Sparse Logit Sampling:
-Accelerating Knowledge Distillation in LLMs", ACL 2025); DistillKit calls the bucket ``symmetric_uniform``.
+divergence between these bucketed distributions; why that is the right target, and how it relates to the dense
+divergence, is in docs/design.md ("The tail bucket").
 
 ``tail="renormalize"``: the teacher is renormalised over ``I`` (zero outside it), DistillKit's ``zero`` mode. The
 forward KL then compares it with the full-vocabulary student exactly; a reverse KL, which would be infinite, also

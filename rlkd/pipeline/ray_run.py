@@ -12,7 +12,7 @@
    so the driver never holds more than one block per actor and big runs spill to disk rather than fail.
 4. Each actor holds one rlkd engine (vLLM or HF; ``num_gpus=T`` when the cluster has GPUs, one CPU otherwise),
    iterates its dataset in ``batch_size`` batches and scores/writes them with the single-process code
-   (``run.score`` -> ``engine.score``, then ``rows.write_rows`` -> ``CacheWriter.write``), so both paths
+   (``run.score`` -> ``engine.score``, then ``engines.write_rows`` -> ``CacheWriter.write``), so both paths
    write identical rows.
 5. The driver joins the parts with :func:`rlkd.pipeline.merge.build_merged` into ``OUT/manifest.json`` (shard paths
    ``part-{i}/...``), which ``CacheReader``, ``rlkd inspect`` and ``rlkd verify`` read like any cache.
@@ -22,19 +22,8 @@
 and its ``CacheWriter`` uploads shards straight to ``OUT/part-{i}/`` under a lease on that part; the driver holds the
 lease on ``OUT`` and writes the merged manifest.
 
-Why formatting happens on the driver and not in the actors: it is the same code path as ``cache_teacher`` (no second
-formatter to keep in sync), counters and template errors are reported once, and tokenizing costs microseconds per
-token against a teacher forward that costs milliseconds; the engines stay the bottleneck. The cost is that the driver
-formats the whole run before the actors start (``from_arrow_refs`` runs a 1-CPU metadata task per block, which would
-never be scheduled on a CPU-only cluster whose CPUs all hold engines, so the datasets are built first), and engines
-start only when there is something left to score, as in a single-process run.
-
-Why not ``ray.data.llm``: in Ray 2.60 its vLLM processor turns ``prompt_logprobs`` into a list (one per position) of
-Python dicts ``{token_id: {"logprob", "rank", "decoded_token"}}`` (``vLLMOutputData.prompt_logprobs`` in
-``ray/llm/_internal/batch/stages/vllm_engine_stage.py``), it has no flat/array output, and it asks vLLM for the
-non-flat format. That is tens of Python objects per position, serialised through the object store, to be parsed back
-into the (P, k) arrays a row needs; :class:`rlkd.pipeline.engines.VLLMEngine` reads vLLM's ``FlatLogprobs`` straight
-into numpy. So each actor wraps the rlkd engine instead.
+Formatting happens on the driver, and each actor wraps the rlkd engine rather than ``ray.data.llm``: the reasons are
+in docs/design.md ("Stage 1 on Ray").
 
 Crash safety: an actor that dies loses at most its open shard (its temporary, removed on reopen); its finished shards
 are in its part's manifest (or adopted on reopen). Re-running the same command skips every finished row, whichever

@@ -21,8 +21,8 @@ checkpoint is read back and verified (:func:`verify_checkpoint`), and only then 
 ``keep_last``, so a checkpoint is never deleted before a newer one is known to be good. A resume verifies again
 (:func:`choose_checkpoint`): ``--resume auto`` falls back to the newest checkpoint that verifies and says which ones
 did not; an explicit ``--resume PATH`` that does not verify is refused. A save reads the checkpoint back twice (to
-hash it, then to verify it) and a resume once: sha256 runs at 1-2 GB/s on a CPU with SHA extensions, so about 10-30 s
-per save of a 1B student (16 GB of fp32 weights and AdamW state).
+hash it, then to verify it) and a resume once: for a 1B student that is 16 GB of fp32 weights and AdamW state read
+at sha256 speed.
 
 A distributed run (FSDP2 or DDP) gathers the full model and optimizer state to rank 0, which writes this same
 layout; so any checkpoint resumes with any number of processes, one included (see :mod:`rlkd.trainer.distributed`).
